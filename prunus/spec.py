@@ -1,0 +1,180 @@
+"""Sparsity patterns and the sparsity spec: the only place where "2:4" or "50%" strings are parsed.
+
+Every other module receives typed, frozen objects. Parsing happens once, at the edge (CLI, recipe,
+``prunus.prune(..., sparsity="2:4")``), so a typo fails before any model is loaded.
+
+Grammar accepted by :func:`parse_sparsity`::
+
+    0.5  | 50%  | unstructured@0.5      unstructured, at a ratio in [0, 1]
+    2:4  | 4:8  | 1:4                   N:M along the input dimension, 0 < N < M
+    4x4@0.5 | 8x1@50%                   blocks of RxC weights, pruned whole, at a ratio
+    channel@0.3                         whole output channels (rows of the weight), at a ratio
+
+Example:
+    >>> parse_sparsity("2:4")
+    (NM(n=2, m=4), 0.5)
+    >>> SparsitySpec.parse("4x4@50%", allocation="global").pattern
+    Block(rows=4, cols=4)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from prunus.errors import SpecError
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Any weight may be pruned on its own."""
+
+    def __str__(self) -> str:
+        return "unstructured"
+
+
+@dataclass(frozen=True)
+class NM:
+    """At most ``n`` non-zeros in every group of ``m`` consecutive weights along the input dim."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int)):
+            raise SpecError(f"N:M needs integers, got {self.n!r}:{self.m!r}")
+        if self.m <= 0:
+            raise SpecError(f"N:M needs M > 0, got {self.n}:{self.m}")
+        if not 0 < self.n < self.m:
+            raise SpecError(f"N:M needs 0 < N < M, got {self.n}:{self.m}")
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Blocks of ``rows x cols`` weights (output x input) are kept or pruned whole."""
+
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.rows <= 0 or self.cols <= 0:
+            raise SpecError(f"block shape must be positive, got {self.rows}x{self.cols}")
+
+    def __str__(self) -> str:
+        return f"block{self.rows}x{self.cols}"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Whole output channels (rows of an ``(out, in)`` weight) are kept or pruned."""
+
+    def __str__(self) -> str:
+        return "channel"
+
+
+Pattern = Union[Unstructured, NM, Block, Channel]
+
+_RATIO = r"(?P<ratio>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?%?|-[0-9]*\.?[0-9]+%?)"
+_NM_RE = re.compile(r"^\s*(?P<n>-?\d+)\s*:\s*(?P<m>-?\d+)\s*$")
+_BLOCK_RE = re.compile(r"^\s*(?:block)?(?P<r>\d+)x(?P<c>\d+)\s*@\s*" + _RATIO + r"\s*$", re.I)
+_NAMED_RE = re.compile(r"^\s*(?P<kind>unstructured|channel|row)\s*@\s*" + _RATIO + r"\s*$", re.I)
+_PLAIN_RE = re.compile(r"^\s*" + _RATIO + r"\s*$")
+
+
+def parse_ratio(text: str | float) -> float:
+    """Parse ``0.5``, ``.5`` or ``50%`` into a float in [0, 1]; anything else is a SpecError."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+        except ValueError:
+            raise SpecError(f"invalid sparsity {text!r}: expected a ratio like 0.5 or 50%") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise SpecError(f"invalid sparsity {text!r}: a ratio must lie in [0, 1]")
+    return value
+
+
+def parse_sparsity(text: str | float) -> tuple[Pattern, float]:
+    """Parse a sparsity string into ``(pattern, sparsity)``. See the module docstring for the grammar."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return Unstructured(), parse_ratio(text)
+    s = str(text)
+    if m := _NM_RE.match(s):
+        pat = NM(int(m["n"]), int(m["m"]))
+        return pat, pat.sparsity
+    if m := _BLOCK_RE.match(s):
+        return Block(int(m["r"]), int(m["c"])), parse_ratio(m["ratio"])
+    if m := _NAMED_RE.match(s):
+        pat: Pattern = Unstructured() if m["kind"].lower() == "unstructured" else Channel()
+        return pat, parse_ratio(m["ratio"])
+    if _PLAIN_RE.match(s):
+        return Unstructured(), parse_ratio(s)
+    raise SpecError(
+        f"invalid sparsity {s!r}: expected 0.5, 50%, N:M (2:4), RxC@ratio (4x4@0.5) or channel@ratio"
+    )
+
+
+def format_sparsity(pattern: Pattern, sparsity: float) -> str:
+    """Inverse of :func:`parse_sparsity`: a string that parses back to the same pattern and ratio."""
+    if isinstance(pattern, NM):
+        return str(pattern)
+    if isinstance(pattern, Block):
+        return f"{pattern.rows}x{pattern.cols}@{sparsity:g}"
+    if isinstance(pattern, Channel):
+        return f"channel@{sparsity:g}"
+    return f"{sparsity:g}"
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """What to prune to: a pattern, a target ratio over the targeted weights, and a layer budget.
+
+    Args:
+        pattern: how zeros may be laid out (:class:`Unstructured`, :class:`NM`, :class:`Block`,
+            :class:`Channel`).
+        sparsity: the fraction of targeted weights to set to zero, in [0, 1]. For N:M it is 1 - N/M.
+        allocation: how the budget is split over layers; a name in ``prunus.allocate.ALLOCATIONS``
+            (``uniform``, ``global``, ``erk``, ``owl``).
+    """
+
+    pattern: Pattern
+    sparsity: float
+    allocation: str = "uniform"
+
+    def __post_init__(self) -> None:
+        parse_ratio(self.sparsity)
+        if isinstance(self.pattern, NM):
+            if not math.isclose(self.sparsity, self.pattern.sparsity):
+                raise SpecError(f"{self.pattern} fixes sparsity at {self.pattern.sparsity:g}")
+            if self.allocation != "uniform":
+                raise SpecError(
+                    f"N:M ({self.pattern}) fixes every layer's sparsity; allocation "
+                    f"{self.allocation!r} cannot apply, use 'uniform'"
+                )
+        from prunus.allocate import ALLOCATIONS  # late: allocate imports this module
+
+        if self.allocation not in ALLOCATIONS:
+            raise SpecError(
+                f"unknown allocation {self.allocation!r}; choose one of {', '.join(sorted(ALLOCATIONS))}"
+            )
+
+    @classmethod
+    def parse(cls, text: str | float, allocation: str = "uniform") -> "SparsitySpec":
+        """Build a spec from a sparsity string (see :func:`parse_sparsity`) and an allocation name."""
+        pattern, sparsity = parse_sparsity(text)
+        return cls(pattern, sparsity, allocation)
+
+    def __str__(self) -> str:
+        s = format_sparsity(self.pattern, self.sparsity)
+        return s if self.allocation == "uniform" else f"{s} ({self.allocation})"
