@@ -1,0 +1,233 @@
+"""The one layer-by-layer calibration runner (after Wanda and SparseGPT), written once.
+
+A decoder-only transformer is processed block by block. The inputs of block 0 are captured by a
+hook that stops the forward pass right there; each block then runs on the previous block's
+(already pruned) outputs, so peak memory is the model plus one block's activations, and later
+blocks see the errors of earlier ones, which their pruning then compensates.
+
+Inside a block, hooks on every targeted linear collect the statistics the method ``needs`` from
+that linear's real input and call ``on_layer(target, stats)``, which may rewrite the weight:
+
+- *in-flight* (the calibration set fits in one chunk, the default for small models): the hook is a
+  forward *pre*-hook, so each linear is pruned just before it computes, and the block's single
+  forward pass both calibrates and produces the pruned outputs. Layers later in the block (o_proj,
+  down_proj) are calibrated on inputs that already went through the pruned q/k/v and gate/up:
+  SparseGPT's "true sequential" order, at the cost of one forward per block instead of two.
+- *two-pass* (several chunks): every chunk is run once to accumulate statistics, all layers of the
+  block are pruned, and every chunk is run again to produce the outputs (Wanda's and SparseGPT's
+  reference loop).
+
+No per-architecture code: the blocks are the model's largest ``nn.ModuleList`` of identical modules,
+and whatever keyword arguments the model passes to its blocks (masks, rotary embeddings, position
+ids) are captured and replayed. Llama/Mistral/Qwen2, OPT and GPT-2 are covered by tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prunus.errors import ModelError
+from prunus.stats import LayerStats, layer_seed
+from prunus.targets import Target
+
+OnLayer = Callable[[Target, LayerStats], None]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList with the most parameters whose children share one class."""
+    best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if len({type(c) for c in mod}) != 1:
+                continue
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best[0]:
+                best = (n, name, mod)
+    if best[2] is None:
+        raise ModelError(f"{type(model).__name__}: found no list of transformer blocks to calibrate")
+    return best[1], best[2]
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Chunk:
+    """One batch of calibration activations at a block boundary.
+
+    ``hidden`` is (batch, seq, hidden); ``kwargs`` are what the model passes to every block.
+    """
+
+    hidden: Tensor
+    kwargs: dict[str, Any]
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
+                   device: torch.device) -> list[Chunk]:
+    """Run the model up to block 0 on ``windows`` (n, seqlen) and keep block 0's inputs per chunk."""
+    captured: list[Chunk] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if args[1:]:
+            raise ModelError(f"{type(module).__name__} takes positional arguments beyond the hidden states")
+        rest.pop("past_key_values", None)
+        rest.pop("past_key_value", None)
+        rest.pop("layer_past", None)
+        rest["use_cache"] = False
+        captured.append(Chunk(hidden, rest))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start:start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != (windows.shape[0] + batch_size - 1) // batch_size:
+        raise ModelError("could not capture the inputs of the first block")
+    return captured
+
+
+class _Collector:
+    """Forward pre-hooks that gather statistics for the targets of one block."""
+
+    def __init__(self, targets: Sequence[Target], needs: frozenset[str], seed: int,
+                 on_layer: Optional[OnLayer]) -> None:
+        self.needs = needs
+        self.stats = {t.name: LayerStats(seed=layer_seed(seed, t.name)) for t in targets}
+        self.on_layer = on_layer
+        self.targets = targets
+        self._shared_x: Optional[Tensor] = None  # held, so identity cannot be reused by a new tensor
+        self._shared: Optional[LayerStats] = None
+        self.handles: list = []
+
+    def attach(self, in_flight: bool) -> None:
+        for t in self.targets:
+            self.handles.append(t.module.register_forward_pre_hook(self._hook(t, in_flight)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._shared_x = self._shared = None
+
+    def _hook(self, target: Target, in_flight: bool):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if not in_flight:
+                self.stats[target.name].add(x, self.needs)
+                return
+            # q/k/v (and gate/up) read the same tensor: compute its statistics once
+            if self._shared_x is not x:
+                self._shared_x, self._shared = x, LayerStats()
+                self._shared.add(x, self.needs)
+            shared = self._shared
+            own = self.stats[target.name]
+            own.tokens = shared.tokens
+            own.input_sq_norm, own.input_sum = shared.input_sq_norm, shared.input_sum
+            own.hessian = None if shared.hessian is None else shared.hessian.clone()
+            if self.on_layer is not None:
+                self.on_layer(target, own)
+            self.stats[target.name] = LayerStats(seed=own.seed)  # free the statistics early
+        return hook
+
+
+def _block_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_index(block_prefix: str, name: str) -> Optional[int]:
+    """The block number in ``name`` (``model.layers.7.mlp.up_proj`` -> 7), or None."""
+    head = block_prefix + "."
+    if not name.startswith(head):
+        return None
+    idx = name[len(head):].split(".", 1)[0]
+    return int(idx) if idx.isdigit() else None
+
+
+@torch.inference_mode()
+def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], needs: frozenset[str],
+                  on_layer: Optional[OnLayer], *, device: str | torch.device = "cpu",
+                  batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
+                  desc: str = "calibrate") -> None:
+    """Run ``windows`` (n, seqlen) through the model block by block, calling ``on_layer`` per target.
+
+    Args:
+        model: a decoder-only transformer (its blocks found by :func:`find_blocks`).
+        windows: calibration token ids (n, seqlen).
+        targets: layers to collect statistics for; every one must sit inside a block.
+        needs: statistics to collect (names from ``prunus.stats.STAT_NAMES``).
+        on_layer: called once per target with its statistics; may rewrite the weight in place.
+            None runs the model without touching it (used by OWL's statistics pass).
+        device: where each block runs; the rest of the model stays where it is.
+        batch_size: windows per chunk; None (default) puts all windows in one chunk (in-flight).
+        seed: base seed for per-layer seeds in the statistics.
+        progress: show a progress bar over blocks.
+    """
+    device = torch.device(device)
+    prefix, blocks = find_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        b = block_index(prefix, t.name)
+        if b is None:
+            raise ModelError(f"layer {t.name} is outside the transformer blocks ({prefix}.*); "
+                             f"exclude it or use a method that needs no calibration")
+        by_block.setdefault(b, []).append(t)
+
+    batch_size = batch_size or windows.shape[0]
+    home = next(model.parameters()).device
+    if device.type != "cpu":
+        model.to(device)  # non-block parts go to the device for the capture; blocks follow one at a time
+        blocks.to("cpu")
+    chunks = capture_inputs(model, blocks, windows, batch_size, device)
+    in_flight = len(chunks) == 1
+    bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False)
+    for i in bar:
+        block = blocks[i].to(device)
+        col = _Collector(by_block.get(i, []), needs, seed, on_layer)
+        col.attach(in_flight=in_flight)
+        try:
+            if in_flight:
+                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+            else:
+                for c in chunks:
+                    block(c.hidden, **c.kwargs)
+                col.detach()
+                if on_layer is not None:
+                    for t in by_block.get(i, []):
+                        on_layer(t, col.stats[t.name])
+                        col.stats[t.name] = LayerStats()
+                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+        finally:
+            col.detach()
+        for c, o in zip(chunks, outs):
+            c.hidden = o
+        if device.type != "cpu":
+            blocks[i].to("cpu")
+    del chunks
+    model.to(home)

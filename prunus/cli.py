@@ -1,0 +1,197 @@
+"""The ``prunus`` command line: ``prune``, ``eval``, ``list``.
+
+Flags are turned into a :class:`~prunus.config.PruneJob` here and nowhere deeper. Every error a user
+can cause ends as one line, ``prunus: error: ...``, with exit status 2; ``--debug`` shows the
+traceback instead. Unexpected failures also print one line (status 1) and point at ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from prunus.errors import PrunusError
+
+
+def _add_prune(sub: Any) -> None:
+    p = sub.add_parser("prune", help="one-shot prune a causal LM and compare it with baselines",
+                       description="One-shot prune a causal LM, evaluate it beside dense, magnitude "
+                       "and random at the same sparsity, and optionally save it.")
+    p.add_argument("model", nargs="?", help="hub id, local folder, .gguf file, or smollm2-135m (bundled)")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. method_options.blocksize=64")
+    p.add_argument("--recipe", help="YAML recipe; flags and overrides take precedence")
+    p.add_argument("--method", help="method name(s), comma-separated: magnitude, random, wanda, sparsegpt, ...")
+    p.add_argument("--sparsity", help="spec(s), comma-separated: 0.5, 50%%, 2:4, 4x4@0.5, channel@0.3")
+    p.add_argument("--allocation", help="layer budget: uniform, global, erk, owl")
+    p.add_argument("--refine", help="mask refiner applied after the method: dsnot")
+    p.add_argument("--calib", help="calibration text: a file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
+    p.add_argument("--eval", help="evaluation text (same forms as --calib)")
+    p.add_argument("--windows", type=int, help="evaluation windows (default 64)")
+    p.add_argument("--include", help="comma-separated FQN globs of layers to prune (default *)")
+    p.add_argument("--exclude", help="comma-separated FQN globs to keep dense (default lm_head, embeddings)")
+    p.add_argument("--out", help="save the pruned model to this folder")
+    p.add_argument("--format", choices=["compressed", "dense"], help="checkpoint format (default compressed)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--plot", help="write a PNG comparing perplexity and per-layer sparsity")
+    p.add_argument("--device", help="where calibration and evaluation run: cpu (default), cuda")
+    p.add_argument("--seed", type=int, help="seed for calibration windows and random pruning (default 0)")
+    p.add_argument("--baselines", help="comma-separated subset of dense,magnitude,random (default all)")
+    p.add_argument("--no-baselines", action="store_true", help="run only the method(s)")
+    p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="evaluation windows per forward")
+    p.add_argument("--calib-batch-size", type=int, help="calibration windows per chunk (default: all)")
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="perplexity and sparsity of a model or prunus checkpoint")
+    p.add_argument("model", help="hub id, folder, .gguf file, prunus checkpoint, or smollm2-135m")
+    p.add_argument("--text", required=True, help="a text file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the result to this JSON file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunus", description="Make neural networks sparse, "
+                                     "measure it honestly, and make the sparsity pay.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_prune(sub)
+    _add_eval(sub)
+    sub.add_parser("list", help="registered methods, refiners, layer budgets and patterns")
+    for p in sub.choices.values():  # --debug / --quiet also after the command name
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    return parser
+
+
+_PRUNE_KEYS = ("method", "sparsity", "allocation", "refine", "calib", "nsamples", "seqlen", "eval",
+               "windows", "include", "exclude", "out", "format", "overwrite", "json", "plot", "device",
+               "seed", "baselines", "eval_batch_size", "calib_batch_size")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from prunus.config import apply_override, job_from_mapping, load_recipe
+    from prunus.report import plot_prune, prune_table
+    from prunus.runner import run_prune, write_json
+
+    overrides = list(args.overrides)
+    model = args.model
+    if model and "=" in model:  # `prunus prune --recipe r.yaml method=wanda`: no MODEL given
+        overrides.insert(0, model)
+        model = None
+    d: dict[str, Any] = load_recipe(args.recipe) if args.recipe else {}
+    for o in overrides:
+        apply_override(d, o)
+    if model:
+        d["model"] = model
+    for k in _PRUNE_KEYS:
+        v = getattr(args, k, None)
+        if v is not None:
+            d[k] = v
+    if args.no_baselines:
+        d["baselines"] = []
+    d["progress"] = not args.quiet
+    job = job_from_mapping(d)
+    if job.out and os.path.exists(job.out) and not job.overwrite:
+        from prunus.fsutil import check_out_dir
+
+        check_out_dir(job.out, job.overwrite)
+    result = run_prune(job, log=lambda s: print(s, file=sys.stderr))
+    print(prune_table(result["runs"]))
+    if job.json:
+        write_json(result, job.json)
+        print(f"wrote {job.json}", file=sys.stderr)
+    if job.plot:
+        plot_prune(result["runs"], job.plot)
+        print(f"wrote {job.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+
+    from prunus import data
+    from prunus.evaluate import count_zeros, peak_rss_mb, perplexity
+    from prunus.models import load_model
+    from prunus.runner import write_json
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    ids = data.tokenize(data.resolve_text(args.text), tok)
+    windows = data.eval_windows(ids, args.seqlen, args.windows)
+    model.to(args.device)
+    t1 = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device,
+                     progress=not args.quiet)
+    zeros, total = count_zeros(model)
+    res = {"model": args.model, "text": args.text, "seqlen": args.seqlen, "windows": int(windows.shape[0]),
+           "perplexity": ppl, "sparsity": zeros / max(1, total), "load_seconds": t1 - t0,
+           "seconds": time.perf_counter() - t1, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(f"{args.model}: perplexity {ppl:.3f} over {res['windows']} x {args.seqlen} tokens; "
+          f"sparsity of prunable layers {res['sparsity']:.4f}; {res['seconds']:.1f} s")
+    if args.json:
+        write_json(res, args.json)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from prunus.algorithms import METHODS, REFINERS, load_all
+    from prunus.allocate import ALLOCATIONS
+    from prunus.report import table
+
+    load_all()
+    rows = [{"kind": "method", "name": m.name, "needs": ", ".join(sorted(m.needs)) or "weights only",
+             "patterns": ", ".join(p.__name__ for p in m.patterns), "paper": m.paper}
+            for m in sorted(METHODS.values(), key=lambda m: m.name)]
+    rows += [{"kind": "refiner", "name": r.name, "needs": ", ".join(sorted(r.needs)),
+              "patterns": ", ".join(p.__name__ for p in r.patterns), "paper": r.paper}
+             for r in sorted(REFINERS.values(), key=lambda r: r.name)]
+    rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs_outliers else "-",
+              "patterns": "all but N:M" if a.name != "uniform" else "all", "paper": a.paper}
+             for a in ALLOCATIONS.values()]
+    print(table(rows, (("kind", "kind"), ("name", "name"), ("needs", "needs"), ("patterns", "patterns"),
+                       ("paper", "paper"))))
+    print("\nsparsity specs: 0.5 | 50% | N:M (2:4, 4:8, 1:4) | RxC@ratio (4x4@0.5) | channel@ratio")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except PrunusError as e:
+        if args.debug:
+            raise
+        print(f"prunus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunus: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure still gets one line, not a traceback dump
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"prunus: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

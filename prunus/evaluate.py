@@ -1,0 +1,76 @@
+"""Quality and cost measurements: perplexity, peak memory, FLOPs of the targeted layers.
+
+Perplexity follows the convention of the Wanda/SparseGPT papers: non-overlapping windows of
+``seqlen`` tokens, each scored independently, ``exp`` of the mean next-token negative
+log-likelihood over every predicted token (``seqlen - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prunus.targets import Target
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 4, device: str = "cpu",
+               progress: bool = True, desc: str = "perplexity") -> float:
+    """Perplexity of ``model`` over ``windows`` (k, seqlen) of token ids.
+
+    Example:
+        >>> perplexity(model, eval_windows(ids, 512, 64))
+        26.77
+    """
+    nll, count = 0.0, 0
+    dev = torch.device(device)
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch",
+                      disable=not progress, leave=False):
+        ids = windows[start:start + batch_size].to(dev)
+        logits = model(input_ids=ids, use_cache=False).logits  # (b, seqlen, vocab)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / max(1, count))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def linear_flops(targets: Sequence[Target], tokens: int = 1, sparse: bool = True) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the targeted layers for ``tokens`` tokens.
+
+    With ``sparse``, only non-zero weights count: the work an ideal sparse kernel does.
+    """
+    total = 0
+    for t in targets:
+        w = t.get()
+        macs = int((w != 0).sum()) if sparse else w.numel()
+        total += 2 * macs * tokens
+    return total
+
+
+def layer_sparsity(targets: Sequence[Target]) -> dict[str, float]:
+    """Fraction of zeros per targeted layer."""
+    return {t.name: float((t.get() == 0).float().mean()) for t in targets}
+
+
+def count_zeros(model: nn.Module, targets: Optional[Sequence[Target]] = None) -> tuple[int, int]:
+    """(zeros, total) over ``targets`` (all prunable layers by default)."""
+    from prunus.targets import select
+
+    targets = targets if targets is not None else select(model)
+    z = sum(int((t.get() == 0).sum()) for t in targets)
+    n = sum(t.get().numel() for t in targets)
+    return z, n

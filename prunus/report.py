@@ -1,0 +1,86 @@
+"""Human-facing output: the comparison table and the plots.
+
+The table puts every method beside the dense model and the magnitude and random baselines at the
+same spec, because a pruning result means little on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf"
+        return f"{v:,.{nd}f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A plain-text table; ``columns`` are (key, header) pairs."""
+    cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = []
+    for j, c in enumerate(cells):
+        lines.append("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+PRUNE_COLUMNS = (("spec", "sparsity spec"), ("label", "method"), ("perplexity", "ppl"),
+                 ("sparsity", "achieved"), ("seconds", "prune s"), ("eval_seconds", "eval s"),
+                 ("peak_rss_mb", "peak RSS MB"))
+
+
+def prune_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The ``prunus prune`` comparison table (dense, each method, magnitude, random)."""
+    return table(rows, PRUNE_COLUMNS)
+
+
+def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Two panels: perplexity per method and spec (log scale), and achieved sparsity per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prunus.fsutil import atomic_file
+
+    runs = [r for r in rows if r.get("per_layer")]
+    specs = list(dict.fromkeys(r["spec"] for r in runs))
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(labels))
+    for i, lab in enumerate(labels):
+        ys = [next((r["perplexity"] for r in runs if r["label"] == lab and r["spec"] == s), math.nan)
+              for s in specs]
+        ax1.bar([j + i * width for j in range(len(specs))], ys, width, label=lab)
+    dense = next((r for r in rows if r["label"] == "dense"), None)
+    if dense and dense.get("perplexity"):
+        ax1.axhline(dense["perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax1.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(specs))], specs)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("perplexity (lower is better)")
+    ax1.set_title("quality at equal sparsity")
+    ax1.legend(fontsize=8)
+    for r in runs:
+        names = list(r["per_layer"])
+        ax2.plot(range(len(names)), [r["per_layer"][n]["achieved"] for n in names], ".", ms=3,
+                 label=f"{r['label']} {r['spec']}")
+    ax2.set_xlabel("layer (module order)")
+    ax2.set_ylabel("achieved sparsity")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_title("per-layer sparsity")
+    ax2.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

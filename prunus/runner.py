@@ -1,0 +1,162 @@
+"""The ``prunus prune`` job: load, calibrate, prune each method and baseline, evaluate, save, report.
+
+Every method runs on the same calibration windows and is scored on the same evaluation windows,
+beside the dense model and the magnitude and random baselines at the same spec. Between runs only
+the targeted weights are restored (they are all that pruning changes), so memory stays at one
+model plus one copy of its prunable weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from prunus import __version__
+from prunus.config import PruneJob
+from prunus.evaluate import peak_rss_mb, perplexity
+from prunus.pipeline import PruneResult, prune
+from prunus.spec import SparsitySpec
+from prunus.targets import select
+
+Log = Callable[[str], None]
+
+
+def _windows(job: PruneJob, tokenizer: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    from prunus import data
+
+    calib = ev = None
+    if job.calib:
+        ids = data.tokenize(data.resolve_text(job.calib), tokenizer)
+        calib = data.calibration_windows(ids, job.nsamples, job.seqlen, job.seed)
+    if job.eval:
+        ids = data.tokenize(data.resolve_text(job.eval), tokenizer)
+        ev = data.eval_windows(ids, job.seqlen, job.windows)
+    return calib, ev
+
+
+def _row(label: str, role: str, spec: Optional[SparsitySpec], res: Optional[PruneResult],
+         ppl: Optional[float], eval_s: Optional[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"label": label, "role": role, "spec": str(spec) if spec else "-",
+                           "perplexity": ppl, "eval_seconds": eval_s, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if res is not None:
+        row.update(method=res.method, refine=res.refine, allocation=res.spec.allocation,
+                   pattern=str(res.spec.pattern), target_sparsity=res.spec.sparsity,
+                   sparsity=res.sparsity, seconds=res.seconds, per_layer=res.per_layer())
+    else:
+        row.update(sparsity=0.0 if role == "dense" else None, seconds=None)
+    return row
+
+
+def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
+    """Run a :class:`PruneJob`; return the result dict that ``--json`` writes.
+
+    The returned dict has one entry per run in ``runs`` (dense first), and, for the first method
+    at the first spec, the fields ``perplexity``, ``sparsity``, ``per_layer``, ``seconds`` and
+    ``peak_rss_mb`` at top level with ``baselines`` beside them.
+    """
+    from prunus import export, fsutil
+    from prunus.models import load_model
+
+    if job.out:
+        fsutil.check_out_dir(job.out, job.overwrite)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(job.model)
+    log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
+    calib, ev = _windows(job, tokenizer)
+    if calib is not None:
+        log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens from {job.calib}")
+    if ev is not None:
+        log(f"evaluation: {ev.shape[0]} windows x {ev.shape[1]} tokens from {job.eval}")
+
+    targets = select(model, job.include, job.exclude)
+    dense_w = {t.name: t.get().detach().clone() for t in targets}
+
+    def restore() -> None:
+        for t in targets:
+            t.set(dense_w[t.name])
+
+    def ppl(desc: str) -> tuple[Optional[float], Optional[float]]:
+        if ev is None:
+            return None, None
+        t = time.perf_counter()
+        p = perplexity(model, ev, batch_size=job.eval_batch_size, device=job.device,
+                       progress=job.progress, desc=desc)
+        return p, time.perf_counter() - t
+
+    if job.device != "cpu":
+        model.to(job.device)
+    rows: list[dict[str, Any]] = []
+    if "dense" in job.baselines:
+        p, s = ppl("dense ppl")
+        rows.append(_row("dense", "dense", None, None, p, s))
+        log(f"dense: ppl {p:.2f}" if p is not None else "dense")
+
+    saved: Optional[dict[str, Any]] = None
+    for spec in job.specs:
+        runs = [(m, "method") for m in job.methods]
+        runs += [(b, "baseline") for b in ("magnitude", "random")
+                 if b in job.baselines and b not in job.methods]
+        for name, role in runs:
+            restore()
+            refine = job.refine if role == "method" else None
+            res = prune(model, spec, name, calib, refine=refine, include=job.include,
+                        exclude=job.exclude, method_options=job.method_options if role == "method" else None,
+                        refine_options=job.refine_options, allocation_options=job.allocation_options,
+                        device=job.device, batch_size=job.calib_batch_size, seed=job.seed,
+                        progress=job.progress)
+            label = name + (f"+{refine}" if refine else "")
+            p, s = ppl(f"{label} {spec} ppl")
+            rows.append(_row(label, role, spec, res, p, s))
+            log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
+                + (f", ppl {p:.2f}" if p is not None else ""))
+            if job.out and role == "method" and saved is None:
+                meta = provenance(job, spec, res, p)
+                info = export.save(model.to("cpu"), job.out, format=job.format, masks=res.masks,
+                                   metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite)
+                saved = {"path": str(info.path), "format": info.format, "bytes": info.bytes,
+                         "dense_bytes": info.dense_bytes}
+                log(f"saved {job.format} checkpoint to {info.path}: {info.bytes / 2**20:.1f} MiB "
+                    f"({info.bytes / max(1, info.dense_bytes):.2f}x of dense {info.dense_bytes / 2**20:.1f} MiB)")
+                if job.device != "cpu":
+                    model.to(job.device)
+    restore()
+    return assemble(job, rows, saved)
+
+
+def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optional[float]) -> dict[str, Any]:
+    """Metadata stored with a checkpoint: how it was made, and how good it was."""
+    return {"prunus_version": __version__, "source_model": job.model, "method": res.method,
+            "refine": res.refine, "spec": str(spec), "pattern": str(spec.pattern),
+            "sparsity_target": spec.sparsity, "allocation": spec.allocation,
+            "achieved_sparsity": res.sparsity, "calib": job.calib, "nsamples": job.nsamples,
+            "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()}}
+
+
+def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:
+    settings = {"model": job.model, "calib": job.calib, "eval": job.eval, "nsamples": job.nsamples,
+                "seqlen": job.seqlen, "windows": job.windows, "seed": job.seed, "device": job.device,
+                "torch_threads": torch.get_num_threads(), "prunus_version": __version__}
+    out: dict[str, Any] = {"settings": settings, "runs": rows, "checkpoint": saved}
+    main = next((r for r in rows if r["role"] == "method"), None)
+    if main is not None:
+        for k in ("method", "refine", "spec", "perplexity", "sparsity", "per_layer", "seconds", "peak_rss_mb"):
+            out[k] = main.get(k)
+        out["baselines"] = {r["label"]: {k: r.get(k) for k in ("perplexity", "sparsity", "seconds", "peak_rss_mb")}
+                            for r in rows if r["role"] != "method" and r["spec"] in ("-", main["spec"])}
+    return out
+
+
+def write_json(obj: Any, path: str) -> None:
+    from prunus.fsutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=float)
+            f.write("\n")

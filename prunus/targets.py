@@ -1,0 +1,100 @@
+"""Which tensors to prune: linear layers chosen by fully-qualified-name globs.
+
+A :class:`Target` names a module by its FQN (``model.layers.3.mlp.up_proj``), as torch.ao.pruning
+does. ``lm_head`` and embeddings are excluded by default, and a weight shared by two modules (tied
+embeddings) is targeted once, under the first name that owns it.
+
+GPT-2's ``Conv1D`` stores its weight as (in, out); :meth:`Target.get` and :meth:`Target.set` always
+speak (out, in), so algorithms never see the difference.
+
+Example:
+    >>> ts = select(model, include=["*.mlp.*"], exclude=["lm_head"])
+    >>> ts[0].name, ts[0].get().shape
+    ('model.layers.0.mlp.gate_proj', torch.Size([1536, 576]))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prunus.errors import SpecError
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*wte*", "*wpe*")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D without importing transformers here
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Linear-like modules with a 2-D weight: nn.Linear and GPT-2's Conv1D."""
+    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and getattr(module, "weight", None) is not None
+
+
+@dataclass(eq=False)
+class Target:
+    """One prunable weight. ``get`` / ``set`` use the (out, in) convention."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        w = self.module.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    def get(self) -> Tensor:
+        """The weight as (out, in); a view, not a copy."""
+        w = self.module.weight.data
+        return w.t() if self.transposed else w
+
+    @torch.no_grad()
+    def set(self, weight: Tensor) -> None:
+        """Write an (out, in) weight back in place, in the module's dtype and layout."""
+        w = self.module.weight.data
+        w.copy_(weight.t() if self.transposed else weight)
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select(model: nn.Module, include: Iterable[str] = ("*",),
+           exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[Target]:
+    """Prunable layers of ``model`` whose FQN matches an ``include`` glob and no ``exclude`` glob.
+
+    Args:
+        model: any nn.Module.
+        include: fnmatch globs over module names; ``*`` matches dots too.
+        exclude: globs removed after inclusion; the default drops lm_head and embeddings.
+
+    Returns:
+        Targets in module order, each weight once (tied weights keep the first owner).
+
+    Raises:
+        SpecError: if nothing matches, naming the patterns.
+    """
+    include, exclude = tuple(include), tuple(exclude)
+    seen: set[int] = set()
+    # weights tied to an excluded module (lm_head tied to the embedding) stay excluded everywhere
+    for name, module in model.named_modules():
+        if _match(name, exclude) and getattr(module, "weight", None) is not None:
+            seen.add(id(module.weight))
+    out = []
+    for name, module in model.named_modules():
+        if not name or not is_prunable(module):
+            continue
+        if not _match(name, include) or _match(name, exclude) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        out.append(Target(name, module, transposed=_is_conv1d(module)))
+    if not out:
+        raise SpecError(f"no prunable layers match include={list(include)} exclude={list(exclude)}")
+    return out
