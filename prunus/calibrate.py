@@ -24,6 +24,7 @@ ids) are captured and replayed. Llama/Mistral/Qwen2, OPT and GPT-2 are covered b
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -86,16 +87,23 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, bat
     """Run the model up to block 0 on ``windows`` (n, seqlen) and keep block 0's inputs per chunk."""
     captured: list[Chunk] = []
 
+    sig = inspect.signature(blocks[0].forward)
+    first = next(iter(sig.parameters))
+
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        if args[1:]:
-            raise ModelError(f"{type(module).__name__} takes positional arguments beyond the hidden states")
-        rest.pop("past_key_values", None)
-        rest.pop("past_key_value", None)
-        rest.pop("layer_past", None)
-        rest["use_cache"] = False
-        captured.append(Chunk(hidden, rest))
+        # name every argument (GPT-2 passes the mask positionally) so blocks can be called by keyword
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        named: dict[str, Any] = {}
+        for k, v in bound.items():
+            if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(v)
+            else:
+                named[k] = v
+        hidden = named.pop(first)
+        for k in ("past_key_values", "past_key_value", "layer_past"):
+            named.pop(k, None)
+        named["use_cache"] = False
+        captured.append(Chunk(hidden, named))
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
