@@ -1,4 +1,4 @@
-"""The ``prunus`` command line: ``prune``, ``eval``, ``list``.
+"""The ``prunus`` command line: ``prune``, ``eval``, ``list``, ``train``.
 
 Flags are turned into a :class:`~prunus.config.PruneJob` here and nowhere deeper. Every error a user
 can cause ends as one line, ``prunus: error: ...``, with exit status 2; ``--debug`` shows the
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_eval(sub)
     sub.add_parser("list", help="registered methods, refiners, layer budgets and patterns")
+    from prunus.training.cli import add_parser as add_train
+
+    add_train(sub)
     for p in sub.choices.values():  # --debug / --quiet also after the command name
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -159,11 +162,22 @@ def cmd_list(args: argparse.Namespace) -> int:
              for a in ALLOCATIONS.values()]
     print(table(rows, (("kind", "kind"), ("name", "name"), ("needs", "needs"), ("patterns", "patterns"),
                        ("paper", "paper"))))
+    from prunus.training import METHODS as TRAINING
+
+    print("\nsparse training (prunus train / prunus.training):")
+    print(table([{"name": m.name, "paper": getattr(m, "paper", "")} for m in
+                 sorted(TRAINING.values(), key=lambda m: m.name)], (("name", "name"), ("paper", "paper"))))
     print("\nsparsity specs: 0.5 | 50% | N:M (2:4, 4:8, 1:4) | RxC@ratio (4x4@0.5) | channel@ratio")
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
+def cmd_train(args: argparse.Namespace) -> int:
+    from prunus.training.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list, "train": cmd_train}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -30,7 +30,7 @@ if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '
 fi
 echo "torch==2.13.0" > .venv/constraints.txt
 export PIP_CONSTRAINT="$ROOT/.venv/constraints.txt"
-if ! "$VPY" -c "import prunus, transformers, safetensors, tqdm, yaml, matplotlib, gguf, accelerate, pytest, rdata" 2>/dev/null \
+if ! "$VPY" -c "import prunus, transformers, safetensors, tqdm, yaml, matplotlib, gguf, accelerate, pytest, rdata, sklearn, mnist1d" 2>/dev/null \
    || ! [ -x .venv/bin/prunus ]; then
   echo "setup: installing prunus and its dependencies" >&2
   "$VPY" -m pip install -q -e ".[data,test]"

@@ -1,0 +1,54 @@
+"""Sparse pre-training, then dense fine-tuning (SPDF).
+
+Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning for Large Language
+Models" (UAI). Phase one trains with a static random unstructured mask; phase two releases the mask
+and trains every weight (the pruned ones restart from zero). The switch happens at ``dense_from *
+total_steps``, or whenever the user calls ``sparsifier.release()`` (e.g. when moving from the
+pre-training corpus to the fine-tuning one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import nn
+
+from prunus.spec import SparsitySpec, Unstructured
+from prunus.training import TrainingMethod, register
+from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
+
+
+@dataclass(frozen=True)
+class SPDFOptions:
+    """Args:
+        dense_from: fraction of training after which the mask is released (1.0: only by hand).
+    """
+
+    dense_from: float = 0.75
+
+
+def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,
+         allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
+         exclude: Sequence[str] = (), **options) -> Sparsifier:
+    """Sparse pre-training with a static random mask, then dense fine-tuning (Thangarasa et al. 2023).
+
+    Example:
+        >>> sp = prunus.training.spdf(model, opt, "75%", total_steps=4000, dense_from=0.75)
+    """
+    targets, spec, opts = prepare(model, spec, method="spdf", patterns=(Unstructured,), options=SPDFOptions,
+                                  values=options, allocation=allocation, include=include, exclude=exclude)
+    masks = random_masks(targets, layer_budgets(targets, spec), spec.pattern, seed)
+    sparse_init(targets, masks)
+    switch = opts.dense_from * total_steps
+
+    def update(sp: Sparsifier, step: int) -> None:
+        if not sp.released and step >= switch:
+            sp.release()
+
+    return Sparsifier(model, optimizer, targets, masks, spec=spec, method="spdf", total_steps=total_steps,
+                      update=update, seed=seed)
+
+
+register(TrainingMethod("spdf", spdf, SPDFOptions,
+                        "Thangarasa et al. 2023, SPDF: Sparse Pre-training and Dense Fine-tuning (UAI)"))
