@@ -1,0 +1,155 @@
+"""SparseGPT: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh 2023,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", ICML, Algorithm 1).
+
+Columns are visited left to right. When column ``i`` is pruned or frozen, the error it leaves is
+spread over the columns still to come by the Optimal Brain Surgeon update
+
+    w_F <- w_F - (w_i - q_i) / [H_F^-1]_ii * [H_F^-1]_(i, F)        F = columns >= i
+
+where ``H_F^-1`` is the inverse of the Hessian restricted to those columns. Every row shares the
+same ``H``, so one upper Cholesky factor ``U`` of ``H^-1`` holds all of the ``H_F^-1`` rows needed
+(``[H_F^-1]_(i, F) = U_ii * U_(i, F)``), and updates to columns past the current block of
+``blocksize`` columns are applied lazily, as one matrix product per block.
+
+Deviation from the reference implementation (IST-DASLab/sparsegpt, ``fasterprune``): inside each
+block the reference prunes every score ``<=`` a threshold, which over-prunes on ties. Here each
+block prunes an exact count through :func:`prunus.masks.topk` (stable ties), and the counts are
+rounded cumulatively across blocks, so the layer ends at exactly ``n_pruned(out * in, sparsity)``
+zeros whatever the block size.
+
+Example:
+    >>> from prunus.spec import Unstructured
+    >>> w = torch.randn(8, 16); x = torch.randn(256, 16)
+    >>> new_w, keep = sparsegpt(w, LayerStats(256, hessian=x.T @ x), 0.5, Unstructured(),
+    ...                         SparseGPTOptions(), "demo")
+    >>> int((~keep).sum())
+    64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prunus.algorithms import method
+from prunus.errors import SpecError
+from prunus.masks import check_divisible, n_pruned, topk
+from prunus.spec import NM, Pattern, Unstructured
+from prunus.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """Options of :func:`sparsegpt`.
+
+    Attributes:
+        blocksize: columns per lazy block; updates beyond the block wait for one matmul. Rounded
+            down to a multiple of M for N:M, so that no group straddles two blocks.
+        percdamp: dampening added to diag(H), as a fraction of its mean; keeps H invertible.
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+
+def inverse_hessian_factor(hessian: Tensor, percdamp: float, name: str) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor of the dampened inverse Hessian, and the mask of dead inputs.
+
+    Args:
+        hessian: (in, in) sum of x x^T over the calibration tokens (any positive scale).
+        percdamp: dampening as a fraction of mean(diag(H)).
+        name: layer name for errors.
+
+    Returns:
+        ``(U, dead)``: U (in, in) float64 upper triangular with ``U^T U = (H + damp I)^-1``, and
+        dead (in,) bool, True for inputs that were always zero (their diagonal is set to 1).
+    """
+    h = hessian.detach().to(torch.float64).clone()  # float64: the factorisations are cheap at (in, in)
+    if not torch.isfinite(h).all():
+        raise SpecError(f"{name}: the Hessian contains NaN or inf (are the activations finite?)")
+    diag = torch.arange(h.shape[0], device=h.device)
+    dead = h[diag, diag] == 0
+    # An input that was always zero has no curvature; 1 keeps H invertible and its weights are zeroed.
+    h[dead, dead] = 1.0
+    h[diag, diag] += percdamp * h[diag, diag].mean()
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise SpecError(f"{name}: the Hessian is not positive definite; "
+                        f"raise percdamp (now {percdamp:g})")
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)  # (in, in)
+    return u, dead
+
+
+@method("sparsegpt", needs={"hessian"}, options=SparseGPTOptions, patterns=(Unstructured, NM),
+        paper="Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately "
+              "Pruned in One-Shot (ICML)")
+def sparsegpt(weight: Tensor, stats: LayerStats, sparsity: float, pattern: Pattern,
+              options: SparseGPTOptions, name: str) -> tuple[Tensor, Tensor]:
+    """Prune one linear layer with SparseGPT, updating the kept weights to reconstruct its output.
+
+    Args:
+        weight: (out, in) dense weight; not modified.
+        stats: needs ``hessian``, the (in, in) sum over calibration tokens of x x^T.
+        sparsity: fraction to prune (unstructured); ignored for N:M, fixed at 1 - N/M.
+        pattern: :class:`Unstructured` (mask chosen per block of columns, across all rows) or
+            :class:`NM` (each group of M inputs keeps the N with the largest w^2 / [H_F^-1]_ii,
+            chosen when the group is reached, on the already updated weights).
+        options: block size and dampening.
+        name: layer name for errors.
+
+    Returns:
+        ``(new_weight, keep)``: (out, in) float32 weight, exactly zero where ``keep`` is False,
+        with the kept weights updated; (out, in) bool keep-mask. Weights of dead inputs (always
+        zero during calibration) are zeroed too, as in the reference, whatever the mask says.
+    """
+    check_divisible(tuple(weight.shape), pattern, name)
+    if not isinstance(pattern, (Unstructured, NM)):
+        raise SpecError(f"{name}: sparsegpt supports unstructured and N:M, not {pattern}")
+    out_f, in_f = weight.shape
+    hessian = stats.hessian
+    if hessian is None or tuple(hessian.shape) != (in_f, in_f):
+        got = None if hessian is None else tuple(hessian.shape)
+        raise SpecError(f"{name}: sparsegpt needs an ({in_f}, {in_f}) Hessian, got {got}")
+    if options.blocksize <= 0 or options.percdamp < 0:
+        raise SpecError(f"{name}: sparsegpt needs blocksize > 0 and percdamp >= 0")
+
+    u64, dead = inverse_hessian_factor(hessian, options.percdamp, name)
+    u = u64.to(torch.float32)  # the column sweep runs in float32, like the reference
+    # A transposed copy, (in, out): a column of W is a contiguous row, so each step of the sweep
+    # touches contiguous memory. Always a copy (``contiguous()`` would alias a 1-row weight): the
+    # caller keeps the dense weight.
+    wt = weight.detach().t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    wt[dead] = 0.0
+    prune_t = torch.zeros(in_f, out_f, dtype=torch.bool, device=wt.device)  # (in, out) True = pruned
+
+    blocksize = options.blocksize
+    if isinstance(pattern, NM):
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        w1 = wt[i1:i2]  # (b, out) view, updated in place as its columns are visited
+        u1 = u[i1:i2, i1:i2]  # (b, b)
+        d1 = torch.diagonal(u1).unsqueeze(1)  # (b, 1) sqrt([H_F^-1]_ii)
+        prune1 = prune_t[i1:i2]  # (b, out) view: filling it fills ``prune_t``
+        if isinstance(pattern, Unstructured):
+            # Cumulative rounding: block counts add up to the layer's exact count.
+            k = n_pruned(out_f * i2, sparsity) - n_pruned(out_f * i1, sparsity)
+            scores = (w1.pow(2) / d1.pow(2)).t()  # (out, b) OBS saliency
+            prune1.copy_(~topk(scores, k / w1.numel(), Unstructured(), name=name).t())
+        scale = prune1 / d1  # (b, out): 1 / d_i where pruned, 0 where kept
+        err1 = torch.empty_like(w1)  # (b, out) scaled errors, replayed on columns >= i2 at the end
+        for i in range(i2 - i1):
+            if isinstance(pattern, NM) and i % pattern.m == 0:
+                # The group is chosen on weights already updated by every column before it.
+                g = slice(i, i + pattern.m)
+                scores = (w1[g].pow(2) / d1[g].pow(2)).t()  # (out, m)
+                prune1[g] = ~topk(scores, pattern.sparsity, pattern, name=name).t()
+                scale[g] = prune1[g] / d1[g]
+            e = torch.mul(w1[i], scale[i], out=err1[i])  # (out,) zero for kept weights
+            # OBS: spread the pruned weights' error over the rest of the block.
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)
+        w1[prune1] = 0.0  # the update leaves w_i - e_i * d_i, zero only up to rounding
+        wt[i2:].sub_(u[i1:i2, i2:].t() @ err1)  # lazy update of every later column at once
+    return wt.t().contiguous(), ~prune_t.t().contiguous()
