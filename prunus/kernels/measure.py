@@ -1,0 +1,513 @@
+"""Measure, then decide: time dense against each sparse kernel, and keep a kernel only where it pays.
+
+:func:`time_linear` times one layer, dense ``F.linear`` against every applicable kernel, at each
+token count: warm-up calls, then rounds that alternate dense and sparse (so a busy machine slows
+both alike), each sample long enough to read a clock, and the median per call.
+
+:func:`plan_model` does this for every masked ``nn.Linear`` of a model and records a :class:`Plan`:
+per layer the chosen kernel, or ``"dense"``, and why (the measured speedups). A kernel is kept only
+if it beats dense by ``margin`` at *every* token count that matters, so a layer is never made
+slower at the shapes it will run. :func:`apply_plan` swaps the chosen modules in place. A plan is
+a frozen dataclass that round-trips through JSON and records the layers' names and shapes;
+applying it to a model it does not fit raises a :class:`~prunus.kernels.KernelError`.
+
+Example:
+    >>> plan = plan_model(model, result.masks, tokens_list=[1], margin=1.1)
+    >>> print(plan.table())
+    >>> plan.save("plan.json")
+    >>> apply_plan(model, Plan.load("plan.json"), result.masks)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunus.kernels import (KERNELS, KernelError, SparseLinear, get_kernel, infer_pattern,
+                            kernels_for, resolve_device)
+from prunus.spec import Pattern, format_sparsity, parse_sparsity
+
+PLAN_FORMAT = "prunus-kernel-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measurement: dense against one kernel, for one layer shape, at one token count."""
+
+    device: str
+    out_features: int
+    in_features: int
+    pattern: str
+    sparsity: float
+    tokens: int
+    dtype: str
+    dense_ms: float
+    sparse_ms: float
+    speedup: float
+    kernel: str
+    threads: int
+    cold: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def num_threads(threads: Optional[int]) -> Iterator[int]:
+    """Run with ``torch.set_num_threads(threads)`` (unchanged when None); yields the count in use."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise KernelError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    size = 32 << 20
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                text = (index / "size").read_text().strip().upper()
+                unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+                size = int(text.rstrip("KMG")) * unit
+        except (OSError, ValueError):
+            pass
+    return size
+
+
+_FLUSH: dict[str, Tensor] = {}
+
+
+def cache_flusher(device: torch.device) -> Callable[[], None]:
+    """A function that evicts the weights from the last-level cache (writes twice its size)."""
+    key = str(device)
+    if key not in _FLUSH:
+        n = min(2 * _last_level_cache_bytes(device) + (8 << 20), 512 << 20) // 4
+        _FLUSH[key] = torch.empty(n, dtype=torch.float32, device=device)
+    buf = _FLUSH[key]
+
+    def flush() -> None:
+        buf.fill_(1.0)
+
+    return flush
+
+
+def _time_fns(fns: Sequence[Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
+              min_sample_ms: float, flush: Optional[Callable[[], None]] = None) -> list[float]:
+    """Median ms per call of each fn, sampled in interleaved rounds; with ``flush``, every sample
+    is one call made right after the cache was flushed."""
+    if flush is not None:
+        samples_cold: list[list[float]] = [[] for _ in fns]
+        for fn in fns:
+            for _ in range(max(1, warmup)):
+                fn()
+        for _ in range(max(1, repeats)):
+            for i, fn in enumerate(fns):
+                flush()
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                samples_cold[i].append((time.perf_counter() - t0) * 1e3)
+        return [statistics.median(s) for s in samples_cold]
+    inner = []
+    for fn in fns:
+        for _ in range(max(1, warmup)):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        inner.append(max(1, min(1000, math.ceil(min_sample_ms / est_ms))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, repeats)):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner[i]):
+                fn()
+            _sync(device)
+            samples[i].append((time.perf_counter() - t0) * 1e3 / inner[i])
+    return [statistics.median(s) for s in samples]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@torch.inference_mode()
+def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: Sequence[int],
+                device: str | torch.device = "cpu", kernels: Optional[Sequence[str]] = None, *,
+                bias: Optional[Tensor] = None, pattern: Optional[Pattern] = None,
+                threads: Optional[int] = None, repeats: int = 15, warmup: int = 3,
+                min_sample_ms: float = 2.0, seed: int = 0, name: str = "layer",
+                dtype: Optional[torch.dtype] = None, cold: bool = False) -> list[Timing]:
+    """Time dense ``F.linear`` against each kernel on one layer, per token count.
+
+    Args:
+        layer: an ``nn.Linear`` or a weight (out, in) (then ``bias`` is used).
+        mask: (out, in) bool keep-mask; ``None`` keeps the non-zero weights. The dense reference
+            uses ``weight * mask``, exactly what the masked model runs.
+        tokens_list: token counts N; the input is (N, in).
+        device: ``"cpu"`` or ``"cuda"`` (a KernelError where CUDA is absent).
+        kernels: kernel names to time; ``None`` times every available applicable kernel.
+        pattern: the mask's pattern; inferred from the mask when ``None``.
+        threads: ``torch.set_num_threads`` for the measurement (restored after).
+        repeats: samples per kernel and token count (median taken).
+        warmup: untimed calls first.
+        min_sample_ms: a sample repeats the call until it lasts about this long.
+        dtype: compute dtype (default: the weight's).
+        cold: flush the last-level cache before every call, so the weights come from memory as
+            they do in a model too large for the cache (LLM decode); warm (the default) times a
+            layer whose weights stay cached between calls, which flatters small dense layers.
+
+    Returns:
+        One :class:`Timing` per (kernel, token count), kernels in the given or priority order.
+    """
+    dev = resolve_device(device)
+    if isinstance(layer, nn.Linear):
+        weight, bias = layer.weight.detach(), (None if layer.bias is None else layer.bias.detach())
+    else:
+        weight = layer.detach()
+    if weight.dim() != 2:
+        raise KernelError(f"{name}: expected a 2-D (out, in) weight, got {tuple(weight.shape)}")
+    dtype = dtype or weight.dtype
+    weight = weight.to(dev, dtype)
+    bias = None if bias is None else bias.detach().to(dev, dtype)
+    mask = (weight != 0) if mask is None else mask.to(dev, torch.bool)
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight shape "
+                          f"{tuple(weight.shape)}")
+    if not tokens_list or any(int(t) < 1 for t in tokens_list):
+        raise KernelError(f"token counts must be positive integers, got {list(tokens_list)}")
+    pattern = pattern or infer_pattern(mask)
+    out_f, in_f = weight.shape
+    if kernels is None:
+        specs = [k.name for k in kernels_for((out_f, in_f), pattern, dev, dtype)]
+    else:
+        specs = [get_kernel(k).name for k in kernels]
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=dev, dtype=dtype)
+    lin.weight.data.copy_(weight)
+    if bias is not None:
+        lin.bias.data.copy_(bias)
+    modules = [SparseLinear.from_dense(lin, mask, k, pattern=pattern, name=name) for k in specs]
+    masked = weight * mask
+    sparsity = 1.0 - float(mask.float().mean())
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows: list[Timing] = []
+    with num_threads(threads) as nt:
+        for tokens in tokens_list:
+            x = torch.randn(int(tokens), in_f, generator=gen).to(dev, dtype)
+            fns: list[Callable[[], Any]] = [lambda: F.linear(x, masked, bias)]
+            fns += [(lambda m: lambda: m(x))(m) for m in modules]
+            flush = None
+            if cold:
+                evict = cache_flusher(dev)
+
+                def flush() -> None:  # weights out, the activation back in (it was just made)
+                    evict()
+                    x.sum()
+            times = _time_fns(fns, dev, repeats, warmup, min_sample_ms, flush)
+            for spec, ms in zip(specs, times[1:]):
+                rows.append(Timing(dev.type, out_f, in_f, str(pattern), round(sparsity, 6),
+                                   int(tokens), _dtype_name(dtype), times[0], ms,
+                                   times[0] / ms if ms > 0 else math.inf, spec, nt, cold))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one layer: ``kernel`` is a registered name or ``"dense"``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    pattern: str  # format_sparsity(pattern, sparsity): parses back with spec.parse_sparsity
+    sparsity: float
+    kernel: str
+    reason: str
+    timings: tuple[Timing, ...] = ()
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_sparsity(self.pattern)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timings"] = [t.to_dict() for t in self.timings]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerPlan":
+        return cls(str(d["name"]), int(d["out_features"]), int(d["in_features"]),
+                   str(d["pattern"]), float(d["sparsity"]), str(d["kernel"]), str(d["reason"]),
+                   tuple(Timing(**t) for t in d.get("timings", ())))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which kernel each layer runs, measured on one device; serialisable to JSON."""
+
+    device: str
+    dtype: str
+    threads: int
+    tokens: tuple[int, ...]
+    margin: float
+    layers: tuple[LayerPlan, ...]
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Layer name -> chosen kernel (``"dense"`` included)."""
+        return {layer.name: layer.kernel for layer in self.layers}
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.kernel != "dense"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "device": self.device,
+                "dtype": self.dtype, "threads": self.threads, "tokens": list(self.tokens),
+                "margin": self.margin, "torch_version": self.torch_version,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    def to_json(self, indent: Optional[int] = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        if d.get("format") != PLAN_FORMAT:
+            raise KernelError(f"not a prunus kernel plan (format {d.get('format')!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise KernelError(f"kernel plan version {d.get('version')!r} is not supported "
+                              f"(expected {PLAN_VERSION})")
+        try:
+            return cls(str(d["device"]), str(d["dtype"]), int(d["threads"]),
+                       tuple(int(t) for t in d["tokens"]), float(d["margin"]),
+                       tuple(LayerPlan.from_dict(layer) for layer in d["layers"]),
+                       str(d.get("torch_version", "")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KernelError(f"malformed kernel plan: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KernelError(f"kernel plan is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise KernelError("kernel plan must be a JSON object")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise KernelError(f"kernel plan {str(p)!r} does not exist")
+        return cls.from_json(p.read_text())
+
+    def check(self, model: nn.Module) -> None:
+        """Raise a KernelError naming the first layer of the plan that ``model`` does not have,
+        or has with another shape."""
+        for layer in self.layers:
+            try:
+                module = model.get_submodule(layer.name)
+            except AttributeError:
+                raise KernelError(f"plan does not match the model: layer {layer.name!r} is not in "
+                                  f"it") from None
+            if not isinstance(module, (nn.Linear, SparseLinear)):
+                raise KernelError(f"plan does not match the model: {layer.name!r} is a "
+                                  f"{type(module).__name__}, not a Linear")
+            shape = (module.out_features, module.in_features)
+            if shape != (layer.out_features, layer.in_features):
+                raise KernelError(f"plan does not match the model: {layer.name!r} is "
+                                  f"{layer.out_features}x{layer.in_features} in the plan but "
+                                  f"{shape[0]}x{shape[1]} in the model")
+
+    def table(self) -> str:
+        """A text table: layer, shape, pattern, kernel, speedup per token count, reason."""
+        head = f"{'layer':<40} {'shape':>11} {'pattern':>10} {'kernel':>9}  why"
+        lines = [head, "-" * len(head)]
+        for layer in self.layers:
+            shape = f"{layer.out_features}x{layer.in_features}"
+            lines.append(f"{layer.name:<40} {shape:>11} {layer.pattern:>10} {layer.kernel:>9}  "
+                         f"{layer.reason}")
+        return "\n".join(lines)
+
+
+def _decide(timings: Sequence[Timing], tokens: Sequence[int], margin: float) -> tuple[str, str]:
+    """(kernel or "dense", reason) from one layer's timings."""
+    if not timings:
+        return "dense", "no available sparse kernel applies"
+    by_kernel: dict[str, dict[int, float]] = {}
+    for t in timings:
+        by_kernel.setdefault(t.kernel, {})[t.tokens] = t.speedup
+    worst = {k: min(s.get(n, 0.0) for n in tokens) for k, s in by_kernel.items()}
+    best = max(worst, key=lambda k: worst[k])
+    ts = "/".join(str(n) for n in tokens)
+    ss = "/".join(f"{by_kernel[best].get(n, 0.0):.2f}x" for n in tokens)
+    if worst[best] >= margin:
+        return best, f"{best} {ss} at {ts} tokens, all >= {margin:g}x"
+    return "dense", f"best {best} {ss} at {ts} tokens, below {margin:g}x"
+
+
+def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[str, nn.Linear]]:
+    found = {name: m for name, m in model.named_modules() if name in masks}
+    for name in masks:
+        if name not in found:
+            raise KernelError(f"mask for {name!r} has no matching module in the model")
+        if not isinstance(found[name], nn.Linear):
+            raise KernelError(f"{name!r} is a {type(found[name]).__name__}; sparse kernels replace "
+                              f"nn.Linear only")
+    return [(name, m) for name, m in model.named_modules() if name in masks]  # model order
+
+
+def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_list: Sequence[int],
+               margin: float = 1.1, *, device: str | torch.device = "cpu",
+               kernels: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+               patterns: Optional[Mapping[str, Pattern]] = None, reuse: bool = True,
+               repeats: int = 9, warmup: int = 2, min_sample_ms: float = 2.0, cold: bool = True,
+               progress: Optional[Callable[[str], None]] = None) -> Plan:
+    """Measure every masked linear layer and keep a sparse kernel only where it pays.
+
+    Args:
+        model: the (pruned) model; it is not modified.
+        masks: layer name -> bool keep-mask (out, in), as returned by ``prunus.prune``.
+        tokens_list: the token counts that matter (e.g. ``[1]`` for batch-1 decode).
+        margin: a kernel must be at least this many times faster than dense at every count.
+        device: where to measure (and later run).
+        kernels: kernel names to consider; ``None``: every available applicable one.
+        threads: thread count for the measurement (and recorded in the plan).
+        patterns: layer name -> pattern; inferred from the mask where absent.
+        reuse: layers with the same shape, pattern, sparsity (to 0.1%) and bias share one
+            measurement (a 30-block model has a handful of distinct layers, not 200).
+        cold: time each call with the weights evicted from the cache (see :func:`time_linear`):
+            a model's weights stream from memory at every decode step unless the whole model
+            fits in the cache, and a warm loop over one small layer would flatter dense.
+        progress: called with one line per measured layer.
+
+    Raises:
+        KernelError: no masks, a mask without a matching ``nn.Linear``, CUDA absent.
+    """
+    if not masks:
+        raise KernelError("the model has no masks: choosing kernels (runtime 'auto') needs the "
+                          "keep-masks saved at prune time")
+    dev = resolve_device(device)
+    if margin <= 0:
+        raise KernelError(f"margin must be > 0, got {margin}")
+    tokens = tuple(int(t) for t in tokens_list)
+    layers_out: list[LayerPlan] = []
+    cache: dict[tuple, tuple[str, list[Timing]]] = {}
+    dtype = None
+    with num_threads(threads) as nt:
+        for name, module in _linear_layers(model, masks):
+            weight = module.weight.detach()
+            dtype = dtype or weight.dtype
+            mask = masks[name].to(weight.device, torch.bool)
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight "
+                                  f"shape {tuple(weight.shape)}")
+            pattern = (patterns or {}).get(name) or infer_pattern(mask)
+            sparsity = 1.0 - float(mask.float().mean())
+            out_f, in_f = weight.shape
+            names = [k.name for k in kernels_for((out_f, in_f), pattern, dev, weight.dtype)]
+            if kernels is not None:
+                wanted = [get_kernel(k).name for k in kernels]
+                names = [k for k in names if k in wanted]
+            key = (out_f, in_f, str(pattern), round(sparsity, 3), module.bias is not None,
+                   tuple(names))
+            note = ""
+            if reuse and key in cache:
+                source, timings = cache[key]
+                note = f" (timed on {source})"
+            else:
+                timings = time_linear(module, mask, tokens, dev, names, pattern=pattern,
+                                      repeats=repeats, warmup=warmup,
+                                      min_sample_ms=min_sample_ms, name=name,
+                                      cold=cold) if names else []
+                cache[key] = (name, timings)
+            kernel, reason = _decide(timings, tokens, margin)
+            layers_out.append(LayerPlan(name, out_f, in_f, format_sparsity(pattern, sparsity),
+                                        round(sparsity, 6), kernel, reason + note,
+                                        tuple(timings)))
+            if progress is not None:
+                progress(f"{name}: {kernel}: {reason}{note}")
+    return Plan(dev.type, _dtype_name(dtype or torch.float32), nt, tokens, float(margin),
+                tuple(layers_out))
+
+
+def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]] = None, *,
+               strict: bool = False) -> dict[str, str]:
+    """Swap in place the layers the plan made sparse; returns layer name -> kernel applied.
+
+    Args:
+        model: the model the plan was made for (checked: names and shapes).
+        plan: from :func:`plan_model` or :meth:`Plan.load`.
+        masks: layer name -> keep-mask; a layer without one keeps its non-zero weights.
+        strict: raise when a planned kernel is unavailable here; by default warn and keep the
+            layer dense (a missing build must not make the model wrong or slower).
+    """
+    plan.check(model)
+    if plan.device == "cuda":
+        resolve_device("cuda")
+    applied: dict[str, str] = {}
+    for layer in plan.layers:
+        if layer.kernel == "dense":
+            continue
+        module = model.get_submodule(layer.name)
+        if isinstance(module, SparseLinear):
+            applied[layer.name] = module.kernel
+            continue
+        if module.weight.device.type != plan.device:
+            raise KernelError(f"{layer.name}: the plan was measured on {plan.device}, but the "
+                              f"layer is on {module.weight.device.type}")
+        spec = KERNELS.get(layer.kernel)
+        if spec is None or not spec.available():
+            msg = (f"{layer.name}: planned kernel {layer.kernel!r} is "
+                   f"{'not registered' if spec is None else 'unavailable'} here")
+            if strict:
+                raise KernelError(msg)
+            warnings.warn(msg + "; the layer stays dense", RuntimeWarning, stacklevel=2)
+            continue
+        mask = None if masks is None else masks.get(layer.name)
+        sparse = SparseLinear.from_dense(module, mask, layer.kernel, pattern=layer.parsed_pattern,
+                                         name=layer.name)
+        parent_name, _, child = layer.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, sparse)
+        applied[layer.name] = layer.kernel
+    return applied
+
+
+__all__ = ["LayerPlan", "Plan", "Timing", "apply_plan", "num_threads", "plan_model", "time_linear"]
