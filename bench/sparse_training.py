@@ -1,17 +1,35 @@
 """Sparse-training benchmark: accuracy vs sparsity on Fashion-MNIST, N:M and SPDF on a tiny GPT.
 
 Prints a table (mean ± std over seeds), writes JSON and a PNG. Run it alone: any other job on the
-2 cores slows it by up to 1.7x.
+2 cores slows it by up to 2x.
 
     python bench/sparse_training.py --out bench/results/sparse_training        # full (see budget)
-    python bench/sparse_training.py --quick --out /tmp/st                      # smoke test, ~2 min
+    python bench/sparse_training.py --quick --out /tmp/st                      # smoke test, ~10-20 s
 
-Budget of the full run on 2 CPU cores (LeNet-300-100: ~0.5 s/epoch, LeNet-5: ~2.3 s/epoch on
-Fashion-MNIST, shared/DATA.md): 2 models x 4 sparsities x 8 sparse methods x 3 seeds at
-``--epochs`` (default 4; LTH trains rounds+1 = 3 phases, random search adds 4 probe epochs), plus
-dense, plus the GPT part (2:4, 1:4, 1:8 x SR-STE/PGF, SPDF; 2 epochs on 400 kB of text). With the
-defaults this is estimated at about 45-55 minutes; pass ``--epochs`` lower if a machine is slower.
-Not yet measured end to end: the estimate comes from the per-epoch costs above.
+Parts and epochs (the defaults; 3 seeds everywhere):
+
+1. Fashion-MNIST, LeNet-300-100 and LeNet-5, at 80/90/95/98%: dense, static uniform and ERK, GMP,
+   SET, RigL, LTH (2 rounds, late rewinding) and its random re-init control, random search
+   (4 candidates, 1 probe epoch each). ``--epochs`` 4 per training phase (LTH trains 3 phases).
+2. N:M on the tiny GPT (byte-level, 400 kB of Emma): 2:4, 1:4, 1:8 with SR-STE and PGF, and dense;
+   2 epochs; validation perplexity.
+3. SPDF on the tiny GPT: 75% unstructured sparse pre-training on Emma for ``--spdf-pretrain-epochs``
+   4 epochs, then dense fine-tuning (mask released at the switch) on Pride and Prejudice for
+   ``--spdf-finetune-epochs`` 2 epochs, against the same model trained dense all the way on the
+   same schedule (same books, epochs, batch size and learning-rate schedule, which restarts its
+   cosine at the switch). Reported: final validation perplexity on Pride and Prejudice (and on
+   Emma at the end of pre-training), training FLOPs of both, and the share of training FLOPs SPDF
+   saves. The attention score matmuls, embeddings and the output head are never sparse, so the
+   saving is below 75% x the pre-training share.
+
+Budget: the full run is designed to fit in 60 minutes on 2 CPU cores with nothing else running.
+Per-epoch costs measured on the 2 cores while other jobs shared them (load about 2.5): LeNet-300-100
+1.5 s, LeNet-5 6.6 s (Fashion-MNIST, batch 128), tiny GPT 4-6 s (batch 32, 175 steps); alone
+about half that. Part 1 is 636 epoch-equivalents per model (8 methods x 4 sparsities x 3 seeds,
+52 epochs per sparsity and seed counting LTH's 3 phases and random search's probes, plus dense):
+about 8 min for LeNet-300-100 and 35 min for LeNet-5 alone. Part 2 is 42 GPT epochs (about
+3 min), part 3 is 2 runs x 6 epochs x 3 seeds = 36 GPT epochs (about 2-3 min). Estimated total
+about 45-50 minutes alone; not yet timed end to end. Pass ``--epochs 3`` if a machine is slower.
 """
 
 from __future__ import annotations
@@ -36,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/sparse_training")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--spdf-pretrain-epochs", type=int, default=4, help="SPDF: epochs on emma (sparse)")
+    ap.add_argument("--spdf-finetune-epochs", type=int, default=2, help="SPDF: epochs on pride (dense)")
     ap.add_argument("--quick", action="store_true", help="digits, 1 epoch, 1 seed, two sparsities")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -43,10 +63,12 @@ def main(argv=None) -> int:
     if a.quick:
         task, models, sparsities, epochs, seeds = "digits", ["lenet300"], ["0.8", "0.95"], 1, [0]
         gpt = dict(epochs=1, train_subset=256, patterns=["2:4"])
+        spdf_epochs = (1, 1)
     else:
         task, models, sparsities, epochs, seeds = "fashion-mnist", ["lenet300", "lenet5"], \
             ["0.8", "0.9", "0.95", "0.98"], a.epochs, list(range(a.seeds))
         gpt = dict(epochs=2, train_subset=0, patterns=["2:4", "1:4", "1:8"])
+        spdf_epochs = (a.spdf_pretrain_epochs, a.spdf_finetune_epochs)
     rows = []
     log = lambda s: None
     t0 = time.time()
@@ -57,9 +79,11 @@ def main(argv=None) -> int:
         doc["seconds"] = round(time.time() - t0, 1)
         rows.append(doc)
         metric = "accuracy" if "accuracy" in doc else "perplexity"
-        print(f"{doc['task']:<14}{doc['model']:<10}{doc['method']:<14}{doc['allocation']:<8}"
+        label = doc["method"] + (f">{doc['finetune_book']}" if doc.get("finetune_book") else "")  # spdf>pride
+        print(f"{doc['task']:<14}{doc['model']:<10}{label:<14}{doc['allocation']:<8}"
               f"{doc['sparsity_spec']:>6}{doc['sparsity']:>8.3f}{doc[metric]:>9.2f} ± {doc[metric + '_std']:<6.2f}"
               f"{doc['train_flops']:>10.3g}{doc['inference_flops']:>10.3g}  ({doc['seconds']}s)", flush=True)
+        return doc
 
     print(f"{'task':<14}{'model':<10}{'method':<14}{'alloc':<8}{'spec':>6}{'sparse':>8}{'metric':>9}"
           f"{'':9}{'trainFLOP':>10}{'infFLOP':>10}")
@@ -75,11 +99,35 @@ def main(argv=None) -> int:
     for pat in gpt["patterns"]:
         go(**text, method="srste", sparsity=pat)
         go(**text, method="pgf", sparsity=pat, options=(("decay", "linear"),))
-    go(**text, method="spdf", sparsity="0.75", options=(("dense_from", 0.75),))
-    write_json(str(out / "results.json"), {"rows": rows, "seconds": round(time.time() - t0, 1)})
+    spdf = spdf_part(go, text, spdf_epochs)
+    write_json(str(out / "results.json"), {"rows": rows, "spdf": spdf, "seconds": round(time.time() - t0, 1)})
     plot(rows, out / "accuracy_vs_sparsity.png")
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_sparsity.png'} in {time.time() - t0:.0f}s")
     return 0
+
+
+def spdf_part(go, text: dict, epochs: tuple[int, int]) -> dict:
+    """SPDF: 75% sparse pre-training on emma, dense fine-tuning on pride, vs dense on both."""
+    pre, ft = epochs
+    two = dict(text, book="emma", finetune_book="pride", epochs=pre, finetune_epochs=ft)
+    sp = go(**two, method="spdf", sparsity="0.75")  # the mask is released at the switch to pride
+    dn = go(**two, method="dense")
+    saved = 1.0 - sp["train_flops"] / dn["train_flops"]
+    summary = {
+        "schedule": f"{pre} epoch(s) on emma, then {ft} on pride; batch {text['batch_size']}",
+        "spdf_ppl": sp["perplexity"], "spdf_ppl_std": sp["perplexity_std"],
+        "dense_ppl": dn["perplexity"], "dense_ppl_std": dn["perplexity_std"],
+        "spdf_pretrain_ppl": sp["pretrain_perplexity"], "dense_pretrain_ppl": dn["pretrain_perplexity"],
+        "spdf_train_flops": sp["train_flops"], "dense_train_flops": dn["train_flops"],
+        "train_flops_saved": saved,
+    }
+    print(f"\nSPDF ({summary['schedule']}): validation ppl on pride "
+          f"{sp['perplexity']:.2f} ± {sp['perplexity_std']:.2f} (SPDF, 75% sparse pre-training) vs "
+          f"{dn['perplexity']:.2f} ± {dn['perplexity_std']:.2f} (dense all the way); on emma after "
+          f"pre-training {sp['pretrain_perplexity']:.2f} vs {dn['pretrain_perplexity']:.2f}; "
+          f"training FLOPs {sp['train_flops']:.3g} vs {dn['train_flops']:.3g}: {100 * saved:.1f}% saved\n",
+          flush=True)
+    return summary
 
 
 def plot(rows, path: Path) -> None:

@@ -6,6 +6,16 @@ get wrong fails before any training starts or any file is written.
 
     prunus train --task fashion-mnist --model lenet300 --method rigl --sparsity 90% \\
         --allocation erk --epochs 20 --seeds 3 --json out.json --plot out.png
+
+SPDF, sparse pre-training on one book and dense fine-tuning on another:
+
+    prunus train --task text --model gpt-tiny --method spdf --sparsity 75% --book emma \\
+        --finetune-book pride --epochs 2 --finetune-epochs 1
+
+Distributed data-parallel on CPU (gloo), 2 processes; only rank 0 prints and writes files:
+
+    torchrun --nproc_per_node 2 -m prunus train --task digits --model lenet300 --method rigl \\
+        --sparsity 90% --epochs 5
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a method option, e.g. -o delta_t=100 -o alpha=0.3 (repeatable)")
     p.add_argument("--text-file", help="text task: train on this file instead of a bundled book")
     p.add_argument("--book", help="text task: book fetched by prunus.books (default emma)")
+    p.add_argument("--finetune-book", help="text task: after --epochs, fine-tune on this book "
+                   "(SPDF releases its mask here)")
+    p.add_argument("--finetune-text-file", help="text task: fine-tune on this file instead of a book")
+    p.add_argument("--finetune-epochs", type=int, help="epochs on the fine-tuning corpus")
     p.add_argument("--train-subset", type=int, help="use only the first N training examples")
     p.add_argument("--json", help="write the summary (means, stds, FLOPs, every run) here")
     p.add_argument("--plot", help="write a PNG of the test metric per epoch (mean and std over seeds)")
@@ -55,7 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 _FIELDS = {"task": "task", "model": "model", "method": "method", "sparsity": "sparsity",
            "allocation": "allocation", "epochs": "epochs", "seed": "seed", "batch_size": "batch_size",
            "lr": "lr", "optimizer": "optimizer", "weight_decay": "weight_decay", "text_file": "text_file",
-           "book": "book", "train_subset": "train_subset", "checkpoint_every": "checkpoint_every",
+           "book": "book", "finetune_book": "finetune_book", "finetune_text_file": "finetune_text_file",
+           "finetune_epochs": "finetune_epochs", "train_subset": "train_subset",
+           "checkpoint_every": "checkpoint_every",
            "checkpoint_dir": "checkpoint_dir"}
 
 
@@ -110,6 +126,12 @@ def format_table(doc: dict[str, Any]) -> str:
            f"{doc['train_flops']:>11.3g} / {doc['train_flops_dense']:<8.3g}"
            f"{doc['inference_flops']:>11.3g} / {doc['inference_flops_dense']:<8.3g}")
     note = f"{len(doc['seeds'])} seed(s), {doc['epochs']} epochs; FLOPs: sparse / dense-equivalent"
+    if doc.get("finetune_book"):
+        note += (f"\n{doc['epochs']} epochs on {doc['book']}, then {doc['finetune_epochs']} on "
+                 f"{doc['finetune_book']}; {metric} is on {doc['finetune_book']} "
+                 f"({doc['pretrain_' + metric]:.2f} on {doc['book']} before fine-tuning)")
+    if doc.get("world_size", 1) > 1:
+        note += f"\nDDP over {doc['world_size']} ranks (gloo); masks identical on every rank"
     return "\n".join([head, row, note])
 
 
@@ -137,19 +159,24 @@ def plot_history(doc: dict[str, Any], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``prunus train``; returns the exit status (2 on a user error, printed on one line)."""
+    """Run ``prunus train``; returns the exit status (2 on a user error, printed on one line).
+
+    Under torchrun every rank trains; only rank 0 prints the table and writes JSON and plot.
+    """
     from prunus.training import trainer
 
     try:
         cfg, seeds = config_from_args(args)
         doc = trainer.run(cfg, seeds, resume=args.resume, progress=not args.no_progress)
-        print(format_table(doc))
-        if args.json:
-            trainer.write_json(args.json, doc)
-        if args.plot:
-            plot_history(doc, args.plot)
+        if trainer.global_rank() == 0:
+            print(format_table(doc))
+            if args.json:
+                trainer.write_json(args.json, doc)
+            if args.plot:
+                plot_history(doc, args.plot)
     except PrunusError as e:
-        print(f"prunus: error: {e}", file=sys.stderr)
+        rank = trainer.global_rank()
+        print(f"prunus: error: {'' if rank == 0 else f'[rank {rank}] '}{e}", file=sys.stderr)
         return 2
     return 0
 

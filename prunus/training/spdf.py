@@ -2,9 +2,10 @@
 
 Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning for Large Language
 Models" (UAI). Phase one trains with a static random unstructured mask; phase two releases the mask
-and trains every weight (the pruned ones restart from zero). The switch happens at ``dense_from *
-total_steps``, or whenever the user calls ``sparsifier.release()`` (e.g. when moving from the
-pre-training corpus to the fine-tuning one).
+and trains every weight (the pruned ones restart from zero). The switch happens after optimizer step
+``release_step`` when given (the reference trainer passes the first step on the fine-tuning corpus),
+else after ``dense_from * total_steps``, or whenever the user calls ``sparsifier.release()`` (e.g.
+when moving from the pre-training corpus to the fine-tuning one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from prunus.errors import SpecError
 from prunus.spec import SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
@@ -30,8 +32,11 @@ class SPDFOptions:
 
 def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,
          allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-         exclude: Sequence[str] = (), **options) -> Sparsifier:
+         exclude: Sequence[str] = (), release_step: Optional[int] = None, **options) -> Sparsifier:
     """Sparse pre-training with a static random mask, then dense fine-tuning (Thangarasa et al. 2023).
+
+    ``release_step`` (an integer step, overriding ``dense_from``) releases the mask once
+    ``sparsifier.step()`` has been called that many times: the first step after it is dense.
 
     Example:
         >>> sp = prunus.training.spdf(model, opt, "75%", total_steps=4000, dense_from=0.75)
@@ -40,10 +45,13 @@ def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total
                                   values=options, allocation=allocation, include=include, exclude=exclude)
     masks = random_masks(targets, layer_budgets(targets, spec), spec.pattern, seed)
     sparse_init(targets, masks)
-    switch = opts.dense_from * total_steps
+    if release_step is not None and release_step < 0:
+        raise SpecError(f"spdf release_step must be >= 0, not {release_step}")
+    switch = release_step if release_step is not None else opts.dense_from * total_steps
 
     def update(sp: Sparsifier, step: int) -> None:
         if not sp.released and step >= switch:
+            sp.apply()  # the step just taken was still sparse: its update must not reach pruned weights
             sp.release()
 
     return Sparsifier(model, optimizer, targets, masks, spec=spec, method="spdf", total_steps=total_steps,
