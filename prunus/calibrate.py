@@ -158,7 +158,7 @@ class _Collector:
             own = self.stats[target.name]
             own.tokens = shared.tokens
             own.input_sq_norm, own.input_sum = shared.input_sq_norm, shared.input_sum
-            own.hessian = None if shared.hessian is None else shared.hessian.clone()
+            own.hessian = shared.hessian  # shared, read-only: consumers must not modify it in place
             if self.on_layer is not None:
                 self.on_layer(target, own)
             self.stats[target.name] = LayerStats(seed=own.seed)  # free the statistics early

@@ -74,11 +74,15 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         log(f"evaluation: {ev.shape[0]} windows x {ev.shape[1]} tokens from {job.eval}")
 
     targets = select(model, job.include, job.exclude)
-    dense_w = {t.name: t.get().detach().clone() for t in targets}
+    n_runs = len(job.specs) * (len(job.methods) + sum(b in job.baselines and b not in job.methods
+                                                      for b in ("magnitude", "random")))
+    # only the targeted weights change; keep a copy only when a later run needs the dense model
+    dense_w = {t.name: t.get().detach().clone() for t in targets} if n_runs > 1 else {}
 
     def restore() -> None:
         for t in targets:
-            t.set(dense_w[t.name])
+            if t.name in dense_w:
+                t.set(dense_w[t.name])
 
     def ppl(desc: str) -> tuple[Optional[float], Optional[float]]:
         if ev is None:
@@ -124,7 +128,7 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                     f"({info.bytes / max(1, info.dense_bytes):.2f}x of dense {info.dense_bytes / 2**20:.1f} MiB)")
                 if job.device != "cpu":
                     model.to(job.device)
-    restore()
+    restore()  # the caller gets the dense model back (when a copy was kept)
     return assemble(job, rows, saved)
 
 

@@ -44,7 +44,7 @@ class LayerStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
         self.tokens += x.shape[0]
         if "input_sq_norm" in needs:
-            s = x.pow(2).sum(0)
+            s = torch.linalg.vector_norm(x, dim=0).pow_(2)  # no (tokens, in) temporary
             self.input_sq_norm = s if self.input_sq_norm is None else self.input_sq_norm + s
         if "input_sum" in needs:
             s = x.sum(0)
