@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     ap.add_argument("--spdf-pretrain-epochs", type=int, default=4, help="SPDF: epochs on emma (sparse)")
     ap.add_argument("--spdf-finetune-epochs", type=int, default=2, help="SPDF: epochs on pride (dense)")
     ap.add_argument("--quick", action="store_true", help="digits, 1 epoch, 1 seed, two sparsities")
+    ap.add_argument("--models", default="lenet300,lenet5", help="part 1 models (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated: 1, 2, 3)")
     a = ap.parse_args(argv)
+    parts = {p.strip() for p in a.parts.split(",")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.quick:
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         gpt = dict(epochs=1, train_subset=256, patterns=["2:4"])
         spdf_epochs = (1, 1)
     else:
-        task, models, sparsities, epochs, seeds = "fashion-mnist", ["lenet300", "lenet5"], \
+        task, models, sparsities, epochs, seeds = "fashion-mnist", a.models.split(","), \
             ["0.8", "0.9", "0.95", "0.98"], a.epochs, list(range(a.seeds))
         gpt = dict(epochs=2, train_subset=0, patterns=["2:4", "1:4", "1:8"])
         spdf_epochs = (a.spdf_pretrain_epochs, a.spdf_finetune_epochs)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
 
     print(f"{'task':<14}{'model':<10}{'method':<14}{'alloc':<8}{'spec':>6}{'sparse':>8}{'metric':>9}"
           f"{'':9}{'trainFLOP':>10}{'infFLOP':>10}")
-    for model in models:
+    for model in (models if "1" in parts else []):
         go(task=task, model=model, method="dense", epochs=epochs)
         for s in sparsities:
             for method, alloc, opts in SPARSE:
@@ -95,11 +98,12 @@ def main(argv=None) -> int:
                    options=opts)
     text = dict(task="text", model="gpt-tiny", epochs=gpt["epochs"], train_subset=gpt["train_subset"],
                 batch_size=32)
-    go(**text, method="dense")
-    for pat in gpt["patterns"]:
-        go(**text, method="srste", sparsity=pat)
-        go(**text, method="pgf", sparsity=pat, options=(("decay", "linear"),))
-    spdf = spdf_part(go, text, spdf_epochs)
+    if "2" in parts:
+        go(**text, method="dense")
+        for pat in gpt["patterns"]:
+            go(**text, method="srste", sparsity=pat)
+            go(**text, method="pgf", sparsity=pat, options=(("decay", "linear"),))
+    spdf = spdf_part(go, text, spdf_epochs) if "3" in parts else None
     write_json(str(out / "results.json"), {"rows": rows, "spdf": spdf, "seconds": round(time.time() - t0, 1)})
     plot(rows, out / "accuracy_vs_sparsity.png")
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_sparsity.png'} in {time.time() - t0:.0f}s")

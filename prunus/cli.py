@@ -1,4 +1,4 @@
-"""The ``prunus`` command line: ``prune``, ``eval``, ``list``, ``train``.
+"""The ``prunus`` command line: ``prune``, ``eval``, ``list``, ``train``, ``bench``, ``export``.
 
 Flags are turned into a :class:`~prunus.config.PruneJob` here and nowhere deeper. Every error a user
 can cause ends as one line, ``prunus: error: ...``, with exit status 2; ``--debug`` shows the
@@ -52,9 +52,80 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--text", required=True, help="a text file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the result to this JSON file")
+
+
+def _add_runtime(sub: Any) -> None:
+    p = sub.add_parser("bench", help="time every prunable linear, dense vs sparse kernels, and end to end")
+    p.add_argument("model", help="a prunus checkpoint, or any model (its zero pattern is used)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tokens", default="1,16,128", help="comma-separated token counts per layer timing")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="end-to-end prefill length")
+    p.add_argument("--new-tokens", type=int, default=32, help="end-to-end decode length")
+    p.add_argument("--json", help="write the timings to this JSON file")
+    p = sub.add_parser("export", help="re-save a pruned checkpoint with a measured per-layer kernel plan")
+    p.add_argument("checkpoint", help="a prunus checkpoint (with masks)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "dense"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", default="1", help="token counts the model will run at (a kernel must win at all)")
+    p.add_argument("--margin", type=float, default=1.1, help="required speedup over dense")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _tokens(text: str) -> list[int]:
+    from prunus.errors import SpecError
+
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SpecError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise SpecError(f"--tokens must be positive integers, got {text!r}")
+    return vals
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prunus.report import table
+    from prunus.runtime import bench_model
+    from prunus.runner import write_json
+
+    res = bench_model(args.model, device=args.device, tokens=_tokens(args.tokens), threads=args.threads,
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                      log=lambda s: print(s, file=sys.stderr))
+    best: dict[tuple, dict] = {}
+    for r in res["layers"]:
+        k = (r["layer"], r["tokens"])
+        if k not in best or r["speedup"] > best[k]["speedup"]:
+            best[k] = r
+    print(table(list(best.values()), (("layer", "layer"), ("tokens", "tokens"), ("sparsity", "sparsity"),
+                                      ("dense_ms", "dense ms"), ("sparse_ms", "best ms"), ("kernel", "kernel"),
+                                      ("speedup", "speedup"))))
+    e = res["end_to_end"]
+    print(f"\nend to end ({res['sparse_layers']} layers on sparse kernels): prefill "
+          f"{e['dense']['prefill_s'] * 1e3:.1f} -> {e['planned']['prefill_s'] * 1e3:.1f} ms "
+          f"({e['prefill_speedup']:.2f}x); decode {e['dense']['decode_tok_s']:.1f} -> "
+          f"{e['planned']['decode_tok_s']:.1f} tok/s ({e['decode_speedup']:.2f}x)")
+    if args.json:
+        write_json(res, args.json)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunus.runtime import export_runtime
+
+    info, plan = export_runtime(args.checkpoint, args.out, runtime=args.runtime, tokens=_tokens(args.tokens),
+                                margin=args.margin, device=args.device, threads=args.threads,
+                                overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr))
+    if plan is not None:
+        print(plan.table())
+    print(f"saved {info.path}: {info.bytes / 2**20:.1f} MiB ({info.bytes / max(1, info.dense_bytes):.2f}x of dense)"
+          + (f"; {len(plan.sparse_layers)} of {len(plan.layers)} layers on sparse kernels" if plan else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_prune(sub)
     _add_eval(sub)
+    _add_runtime(sub)
     sub.add_parser("list", help="registered methods, refiners, layer budgets and patterns")
     from prunus.training.cli import add_parser as add_train
 
@@ -177,7 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list, "train": cmd_train}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list, "train": cmd_train,
+            "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

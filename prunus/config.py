@@ -49,7 +49,7 @@ class PruneJob:
     nsamples: int = 32
     seqlen: int = 512
     windows: Optional[int] = 64
-    eval_batch_size: int = 4
+    eval_batch_size: int = 1
     calib_batch_size: Optional[int] = None
     seed: int = 0
     device: str = "cpu"

@@ -143,3 +143,17 @@ def test_include_exclude(tiny_tokenizer, calib):
     assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
     names = [t.name for t in select(model)]
     assert "lm_head" not in names and not any("embed" in n for n in names)
+
+
+def test_chunked_head_perplexity_equals_full_logits(tiny_tokenizer, calib):
+    from prunus.evaluate import perplexity
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    full = perplexity(model, calib, batch_size=2, head_chunk=0, progress=False)
+    for chunk in (7, 64, 1000):
+        assert perplexity(model, calib, batch_size=2, head_chunk=chunk, progress=False) == pytest.approx(full, rel=1e-5)
+    # by hand for one window
+    with torch.no_grad():
+        logits = model(input_ids=calib[:1]).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, calib[0, 1:])
+    assert perplexity(model, calib[:1], progress=False) == pytest.approx(float(nll.exp()), rel=1e-5)

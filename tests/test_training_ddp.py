@@ -39,8 +39,13 @@ def _free_port() -> int:
 
 
 def torchrun(tmp_path: Path, args: list[str], target: list[str] = ("-m", "prunus"),
-             timeout: float = 120) -> subprocess.CompletedProcess:
-    """Two ranks on 127.0.0.1; retried once on a port taken between probing and binding."""
+             timeout: float = 120, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Two ranks on 127.0.0.1; retried once on a port taken between probing and binding.
+
+    With ``expect_ok``, a launch that fails without any prunus error is also retried once: a
+    gloo teardown on a loaded 2-core machine was seen to fail once in about 30 runs after both
+    ranks had finished. A second failure, or any prunus error, fails the test as before.
+    """
     env = dict(os.environ, PRUNUS_DDP_DIGESTS=str(tmp_path / "digests"), MASTER_ADDR="127.0.0.1",
                OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT), PRUNUS_DIST_TIMEOUT="120")
     if sys.platform.startswith("linux"):
@@ -50,7 +55,10 @@ def torchrun(tmp_path: Path, args: list[str], target: list[str] = ("-m", "prunus
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *target, "train",
                *args, "--no-progress"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+        text = (proc.stdout + proc.stderr).lower()
+        port_taken = "address already in use" in text
+        unexplained = expect_ok and proc.returncode != 0 and "prunus: error" not in text
+        if proc.returncode == 0 or not (port_taken or unexplained):
             break
     return proc
 
@@ -112,6 +120,6 @@ def test_control_without_gradient_all_reduce_is_caught(tmp_path):
         "nn.parallel.DistributedDataParallel = NoSync\n"
         "from prunus.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = torchrun(tmp_path, ["--method", "rigl", *DIGITS[:-6], "--epochs", "1", "--batch-size", "64",
-                               "-o", "delta_t=3"], target=[str(script)])
+                               "-o", "delta_t=3"], target=[str(script)], expect_ok=False)
     assert proc.returncode != 0
     assert "ranks diverged after epoch 1" in proc.stdout + proc.stderr

@@ -490,18 +490,28 @@ def save(model: nn.Module, path: str | os.PathLike[str], format: str = "compress
 
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> nn.Module:
+         dtype: torch.dtype | None = None, runtime: str = "auto") -> nn.Module:
     """Load a checkpoint folder of any format (detected), in eval mode.
 
     Args:
         path: a folder written by :func:`save` or by transformers' ``save_pretrained``.
         device: where the weights go.
         dtype: cast floating weights to this dtype; ``None`` keeps the stored dtype.
+        runtime: ``auto`` applies the kernel plan stored by ``prunus export --runtime auto``
+            (sparse kernels only where they were measured faster); ``dense`` ignores it.
 
     Raises:
         CheckpointError: missing, not a checkpoint, pickle, truncated or tampered with.
+        KernelError: the stored plan does not match the model.
     """
-    return _format(detect_format(path)).load(path, device=device, dtype=dtype)
+    model = _format(detect_format(path)).load(path, device=device, dtype=dtype)
+    if runtime == "auto":
+        meta = read_metadata(path)
+        if "kernel_plan" in meta:
+            from prunus.runtime import apply_stored_plan
+
+            apply_stored_plan(model, meta, load_masks(path))
+    return model
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:

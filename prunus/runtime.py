@@ -1,0 +1,162 @@
+"""Making sparsity pay at run time: measure each layer, keep a sparse kernel only where it is faster.
+
+``prunus bench`` times every prunable linear of a model, dense against each applicable kernel, and
+the end-to-end prefill and decode. ``prunus export --runtime auto`` stores a compressed checkpoint
+whose metadata carries a kernel :class:`~prunus.kernels.measure.Plan`, and
+:func:`prunus.load` (``runtime="auto"``) swaps in exactly the planned kernels, so a layer that was
+not measurably faster stays dense and the model is never made slower by its sparsity.
+
+Example:
+    >>> info, plan = export_runtime("runs/wanda80", "runs/wanda80-cpu", tokens=[1])
+    >>> print(plan.table())
+    >>> model = prunus.load("runs/wanda80-cpu")       # CSR kernels where they won, dense elsewhere
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prunus.errors import CheckpointError
+from prunus.kernels import KernelError, resolve_device
+
+PLAN_KEY = "kernel_plan"
+
+
+def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
+    """The keep masks of a prunus checkpoint; for any other model, its non-zero pattern."""
+    from prunus.export import load_masks
+    from prunus.targets import select
+
+    if (Path(source) / "prunus.json").is_file():
+        masks = load_masks(source)
+        if masks:
+            return masks
+    return {t.name: (t.get() != 0) for t in select(model) if not t.transposed}
+
+
+def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: Sequence[int] = (1,),
+                   margin: float = 1.1, device: str = "cpu", threads: Optional[int] = None,
+                   overwrite: bool = False, log: Callable[[str], None] = print) -> tuple[Any, Any]:
+    """Plan kernels for a pruned checkpoint on this machine and save it with the plan.
+
+    Args:
+        checkpoint: a prunus checkpoint folder (it must carry masks).
+        out: the output folder (compressed format, atomic).
+        runtime: ``auto`` (measure and decide per layer) or ``dense`` (no sparse kernels).
+        tokens: token counts the model will run at; a kernel must win at every one.
+        margin: how many times faster than dense a kernel must be.
+        device: where to measure; the plan only applies there.
+        threads: torch threads for the measurement (default: torch's current setting).
+
+    Returns:
+        ``(ExportInfo, Plan)``.
+
+    Raises:
+        CheckpointError: not a prunus checkpoint, or no masks stored.
+        KernelError: ``device="cuda"`` without CUDA.
+    """
+    from prunus import export
+    from prunus.fsutil import check_out_dir
+    from prunus.kernels.measure import plan_model
+
+    if runtime not in ("auto", "dense"):
+        raise KernelError(f"unknown runtime {runtime!r}; choose auto or dense")
+    check_out_dir(out, overwrite)
+    resolve_device(device)
+    if not (Path(checkpoint) / "prunus.json").is_file():
+        raise CheckpointError(f"{checkpoint} is not a prunus checkpoint; --runtime auto needs the masks "
+                              f"that `prunus prune --out` stores")
+    masks = export.load_masks(checkpoint)
+    if not masks:
+        raise CheckpointError(f"{checkpoint} stores no masks; --runtime auto needs a pruned checkpoint")
+    model = export.load(checkpoint, runtime="dense")
+    meta = dict(export.read_metadata(checkpoint))
+    plan = None
+    if runtime == "auto":
+        plan = plan_model(model, masks, list(tokens), margin, device=device, threads=threads,
+                          progress=lambda s: log(s))
+        meta[PLAN_KEY] = plan.to_dict()
+    else:
+        meta.pop(PLAN_KEY, None)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+    except Exception:  # a checkpoint saved without a tokenizer is still exportable
+        tok = None
+    info = export.save(model, out, format="compressed", masks=masks, metadata=meta, tokenizer=tok,
+                       overwrite=overwrite)
+    return info, plan
+
+
+def apply_stored_plan(model: nn.Module, metadata: Mapping[str, Any], masks: Mapping[str, Tensor]) -> dict[str, str]:
+    """Apply the kernel plan recorded in a checkpoint's metadata (none: nothing happens)."""
+    if PLAN_KEY not in metadata:
+        return {}
+    from prunus.kernels.measure import Plan, apply_plan
+
+    plan = Plan.from_dict(metadata[PLAN_KEY])
+    return apply_plan(model, plan, masks)
+
+
+@torch.inference_mode()
+def time_generate(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Median prefill seconds (one forward over ``prompt``) and decode tokens/s (greedy, KV cache)."""
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        decode.append(new_tokens / (t2 - t1))
+    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+
+
+def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1, 16, 128),
+                threads: Optional[int] = None, prompt_tokens: int = 128, new_tokens: int = 32,
+                margin: float = 1.1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Per-layer timings (dense vs every applicable kernel) and end-to-end prefill/decode.
+
+    The end-to-end numbers compare the dense model with the same model after a plan made for
+    batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
+    """
+    from prunus.kernels.measure import apply_plan, plan_model, time_linear
+    from prunus.models import load_model
+
+    dev = resolve_device(device)
+    model, _ = load_model(source)
+    model.to(dev)
+    masks = masks_for(source, model)
+    rows, seen = [], {}
+    mods = dict(model.named_modules())
+    for name, mask in masks.items():
+        lin = mods[name]
+        sp = round(1.0 - float(mask.sum()) / mask.numel(), 3)
+        key = (tuple(lin.weight.shape), sp, lin.bias is not None)
+        if key not in seen:  # the same shape and sparsity is measured once
+            seen[key] = time_linear(lin, mask, list(tokens), device=dev, threads=threads, name=name)
+            log(f"measured {name} {tuple(lin.weight.shape)} at sparsity {sp}")
+        for t in seen[key]:
+            rows.append({"layer": name, **t.to_dict()})
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=dev)
+    dense = time_generate(model, prompt, new_tokens)
+    plan = plan_model(model, masks, [1], margin, device=dev, threads=threads)
+    applied = apply_plan(model, plan, masks)
+    sparse = time_generate(model, prompt, new_tokens)
+    return {"model": source, "device": str(dev), "threads": threads or torch.get_num_threads(),
+            "layers": rows, "plan": plan.to_dict(), "sparse_layers": len(applied),
+            "end_to_end": {"dense": dense, "planned": sparse,
+                           "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
+                           "decode_speedup": sparse["decode_tok_s"] / dense["decode_tok_s"]}}
