@@ -58,6 +58,28 @@ class _Stop(Exception):
     pass
 
 
+def inputs_of(module: nn.Module, run: Callable[[], Any]) -> Optional[tuple[tuple, dict]]:
+    """The (args, kwargs) ``module`` is called with when ``run()`` runs, stopping the forward there.
+
+    Everything after ``module`` (later blocks, a 49k-vocabulary head) is never computed. Returns
+    None if ``run`` never reaches ``module``.
+    """
+    got: list[tuple[tuple, dict]] = []
+
+    def grab(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append((args, kwargs))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0] if got else None
+
+
 @dataclass
 class Chunk:
     """One batch of calibration activations at a block boundary.
@@ -85,16 +107,17 @@ def _to(obj: Any, device: torch.device) -> Any:
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
                    device: torch.device) -> list[Chunk]:
     """Run the model up to block 0 on ``windows`` (n, seqlen) and keep block 0's inputs per chunk."""
-    captured: list[Chunk] = []
-
     sig = inspect.signature(blocks[0].forward)
     first = next(iter(sig.parameters))
-
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    captured: list[Chunk] = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size].to(device)
+        got = inputs_of(blocks[0], lambda: model(input_ids=ids, use_cache=False))
+        if got is None:
+            raise ModelError("could not capture the inputs of the first block")
         # name every argument (GPT-2 passes the mask positionally) so blocks can be called by keyword
-        bound = sig.bind_partial(*args, **kwargs).arguments
         named: dict[str, Any] = {}
-        for k, v in bound.items():
+        for k, v in sig.bind_partial(*got[0], **got[1]).arguments.items():
             if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(v)
             else:
@@ -104,20 +127,6 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, bat
             named.pop(k, None)
         named["use_cache"] = False
         captured.append(Chunk(hidden, named))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != (windows.shape[0] + batch_size - 1) // batch_size:
-        raise ModelError("could not capture the inputs of the first block")
     return captured
 
 

@@ -20,10 +20,6 @@ from tqdm.auto import tqdm
 from prunus.targets import Target
 
 
-class _Stop(Exception):
-    pass
-
-
 # configs whose causal-LM head does more than a plain linear map (soft-capping, scaling): these get
 # the full logits from the model's own forward instead of the chunked head below
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -40,20 +36,10 @@ def _nll_chunked(model: nn.Module, ids: Tensor, chunk: int) -> Optional[tuple[fl
     cfg = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or any(getattr(cfg, a, None) for a in _HEAD_EXTRAS):
         return None
-    got: dict[str, Tensor] = {}
+    from prunus.calibrate import inputs_of
 
-    def grab(module: nn.Module, args: tuple) -> None:
-        got["h"] = args[0]
-        raise _Stop
-
-    handle = head.register_forward_pre_hook(grab)
-    try:
-        model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    h = got.get("h")
+    got = inputs_of(head, lambda: model(input_ids=ids, use_cache=False))
+    h = got[0][0] if got and got[0] else None
     if h is None or h.shape[:2] != ids.shape:
         return None
     nll, T = 0.0, ids.shape[1]
