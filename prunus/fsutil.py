@@ -48,6 +48,11 @@ def _hidden_sibling(path: Path, tag: str, suffix: str = "") -> Path:
 
 def _fsync_dir(path: Path) -> None:
     """Flush a directory entry (so a rename survives a crash); a no-op where unsupported."""
+    _fsync_path(path)
+
+
+def _fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync one file or directory; silently skipped where the OS refuses."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -64,16 +69,7 @@ def _fsync_tree(root: Path) -> None:
     """Flush every file under ``root`` to disk before it is renamed into place."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(dirpath, name))
         _fsync_dir(Path(dirpath))
 
 

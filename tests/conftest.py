@@ -56,6 +56,16 @@ def make_tiny_llama(vocab_size: int = 300, seed: int = 0, hidden: int = 64, inte
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for tests on tiny layers: worker threads only add overhead there
+    (and stall on a busy machine). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     return make_text()

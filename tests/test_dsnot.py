@@ -16,13 +16,7 @@ U = Unstructured()
 FREE = DSnoTOptions(update_threshold=0.0)  # rows run until no swap helps or cycles run out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These layers are tiny: worker threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_layer(out_f: int, in_f: int, tokens: int = 256, seed: int = 0, mean: float = 0.5):

@@ -25,13 +25,7 @@ def make_layer(out_f: int, in_f: int, tokens: int = 256, seed: int = 0, mean: fl
     return w, stats
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These layers are tiny: worker threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def err(w: torch.Tensor, new_w: torch.Tensor, h: torch.Tensor) -> float:
