@@ -10,7 +10,8 @@ Parts and epochs (the defaults; 3 seeds everywhere):
 
 1. Fashion-MNIST, LeNet-300-100 and LeNet-5, at 80/90/95/98%: dense, static uniform and ERK, GMP,
    SET, RigL, LTH (2 rounds, late rewinding) and its random re-init control, random search
-   (4 candidates, 1 probe epoch each). ``--epochs`` 4 per training phase (LTH trains 3 phases).
+   (4 candidates, 1 probe epoch each). ``--epochs`` 4 per training phase for LeNet-300-100 and
+   ``--lenet5-epochs`` 2 for LeNet-5 (LTH trains 3 phases).
 2. N:M on the tiny GPT (byte-level, 400 kB of Emma): 2:4, 1:4, 1:8 with SR-STE and PGF, and dense;
    2 epochs; validation perplexity.
 3. SPDF on the tiny GPT: 75% unstructured sparse pre-training on Emma for ``--spdf-pretrain-epochs``
@@ -22,14 +23,12 @@ Parts and epochs (the defaults; 3 seeds everywhere):
    saves. The attention score matmuls, embeddings and the output head are never sparse, so the
    saving is below 75% x the pre-training share.
 
-Budget: the full run is designed to fit in 60 minutes on 2 CPU cores with nothing else running.
-Per-epoch costs measured on the 2 cores while other jobs shared them (load about 2.5): LeNet-300-100
-1.5 s, LeNet-5 6.6 s (Fashion-MNIST, batch 128), tiny GPT 4-6 s (batch 32, 175 steps); alone
-about half that. Part 1 is 636 epoch-equivalents per model (8 methods x 4 sparsities x 3 seeds,
-52 epochs per sparsity and seed counting LTH's 3 phases and random search's probes, plus dense):
-about 8 min for LeNet-300-100 and 35 min for LeNet-5 alone. Part 2 is 42 GPT epochs (about
-3 min), part 3 is 2 runs x 6 epochs x 3 seeds = 36 GPT epochs (about 2-3 min). Estimated total
-about 45-50 minutes alone; not yet timed end to end. Pass ``--epochs 3`` if a machine is slower.
+Budget: the whole run must fit in 60 minutes on 2 CPU cores with nothing else running. Part 1 is
+52 epoch-equivalents per sparsity and seed (8 methods, counting LTH's 3 phases and random search's
+probes) at 4 epochs per phase, so 636 per model with dense. Measured alone: a LeNet-300-100 epoch
+is about 1.7 s (the part took 17 min at 4 epochs), a LeNet-5 epoch about 5 s in channels-last
+layout (8 s in NCHW), so LeNet-5 runs 2 epochs per phase (about 27 min); parts 2 and 3 are 78 tiny
+GPT epochs (about 6 min). The JSON is rewritten after every row, so a killed run keeps its rows.
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ SPARSE = [("static", "uniform", ()), ("static", "erk", ()), ("gmp", "uniform", (
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/sparse_training")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per training phase, LeNet-300-100")
+    ap.add_argument("--lenet5-epochs", type=int, default=2, help="epochs per training phase, LeNet-5")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--spdf-pretrain-epochs", type=int, default=4, help="SPDF: epochs on emma (sparse)")
     ap.add_argument("--spdf-finetune-epochs", type=int, default=2, help="SPDF: epochs on pride (dense)")
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
         doc = run(cfg, seeds, progress=False, log=log)
         doc["seconds"] = round(time.time() - t0, 1)
         rows.append(doc)
+        write_json(str(out / "results.json"), {"rows": rows, "partial": True})  # survives a kill
         metric = "accuracy" if "accuracy" in doc else "perplexity"
         label = doc["method"] + (f">{doc['finetune_book']}" if doc.get("finetune_book") else "")  # spdf>pride
         print(f"{doc['task']:<14}{doc['model']:<10}{label:<14}{doc['allocation']:<8}"
@@ -91,10 +92,11 @@ def main(argv=None) -> int:
     print(f"{'task':<14}{'model':<10}{'method':<14}{'alloc':<8}{'spec':>6}{'sparse':>8}{'metric':>9}"
           f"{'':9}{'trainFLOP':>10}{'infFLOP':>10}")
     for model in (models if "1" in parts else []):
-        go(task=task, model=model, method="dense", epochs=epochs)
+        ep = a.lenet5_epochs if (model == "lenet5" and not a.quick) else epochs
+        go(task=task, model=model, method="dense", epochs=ep)
         for s in sparsities:
             for method, alloc, opts in SPARSE:
-                go(task=task, model=model, method=method, sparsity=s, allocation=alloc, epochs=epochs,
+                go(task=task, model=model, method=method, sparsity=s, allocation=alloc, epochs=ep,
                    options=opts)
     text = dict(task="text", model="gpt-tiny", epochs=gpt["epochs"], train_subset=gpt["train_subset"],
                 batch_size=32)

@@ -469,6 +469,10 @@ def train_one(prep: Prepared, seed: int, *, resume: bool = False, progress: bool
     n, spe = segs[0]["n"], segs[0]["spe"]
     torch.manual_seed(seed)
     model = build_model(cfg.model, data, width=prep.width)
+    if len(data.input_shape) == 3:
+        # NHWC: PyTorch's CPU convolutions and pooling are ~1.5x faster than in NCHW (measured on
+        # LeNet-5, batch 128, 2 threads); the parameters are the same, only their strides differ.
+        model = model.to(memory_format=torch.channels_last)
     opt_name = cfg.optimizer or ("adamw" if text else "sgd")
     lr = cfg.lr or (3e-3 if opt_name == "adamw" else 0.05)
     if opt_name == "sgd":
@@ -483,11 +487,20 @@ def train_one(prep: Prepared, seed: int, *, resume: bool = False, progress: bool
     # there the gradients are averaged over the ranks by hand, exactly as DDP would.
     net: nn.Module = model
 
+    perms: dict[tuple[int, int, int], torch.Tensor] = {}  # one shuffle per epoch, not one per step
+
     def batch(epoch: int, b: int, order_seed: int = seed, sg: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         sg = sg or segs[0]
-        perm = torch.randperm(sg["n"], generator=torch.Generator().manual_seed(order_seed * 100003 + epoch))
-        idx = perm[b * bs:(b + 1) * bs][rank::world]
-        return sg["x"][idx], (sg["y"][idx] if not text else sg["y"])
+        key = (order_seed, epoch, sg["n"])
+        if key not in perms:
+            if len(perms) > 4:
+                perms.clear()
+            perms[key] = torch.randperm(sg["n"], generator=torch.Generator().manual_seed(order_seed * 100003 + epoch))
+        idx = perms[key][b * bs:(b + 1) * bs][rank::world]
+        xb = sg["x"][idx]
+        if xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
+        return xb, (sg["y"][idx] if not text else sg["y"])
 
     def one_step(sp: Optional[Sparsifier], xb, yb, step_lr: float) -> float:
         for g in opt.param_groups:
