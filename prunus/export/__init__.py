@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from prunus.errors import CheckpointError
 
 MANIFEST = "prunus.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: floating-point values may be coded (prunus.export.floatcode)
 WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -469,7 +469,7 @@ def _format(name: str) -> Format:
 
 def save(model: nn.Module, path: str | os.PathLike[str], format: str = "compressed", *,
          masks: Mapping[str, Tensor] | None = None, metadata: Mapping[str, Any] | None = None,
-         tokenizer: Any | None = None, overwrite: bool = False) -> ExportInfo:
+         tokenizer: Any | None = None, overwrite: bool = False, **options: Any) -> ExportInfo:
     """Save ``model`` to the folder ``path`` in ``format`` (see ``FORMATS``), atomically.
 
     Args:
@@ -481,12 +481,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], format: str = "compress
             in ``prunus_version``, ``created`` and ``source_model`` where missing.
         tokenizer: saved beside the weights when given.
         overwrite: replace an existing folder (only once the new one is complete).
+        options: format-specific; ``compressed`` takes ``code_values`` (default True).
 
     Returns:
         :class:`ExportInfo` with the bytes on disk and the dense-equivalent bytes.
     """
     return _format(format).save(model, path, masks=masks, metadata=metadata, tokenizer=tokenizer,
-                                overwrite=overwrite)
+                                overwrite=overwrite, **options)
 
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu",

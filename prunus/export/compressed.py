@@ -20,6 +20,14 @@ At 50% fp32 the bitmask costs 1/8 + 2 bytes per weight against 4 (0.53x); indice
 about 94% sparsity. Other tensors are stored as they are; tied tensors (``lm_head`` tied to the
 embedding) are stored once and re-tied on load. Nothing is ever unpickled.
 
+Floating-point values (the kept values of masked weights, and the dense tensors) are further coded
+losslessly by :mod:`prunus.export.floatcode` when that is smaller: the exponent byte
+Huffman-coded (``k.__values__.__hi__`` or ``k.__hi__``), the other bytes raw (``.__lo__``), and
+the manifest entry says ``"coding": "exp-huffman-v1"``. An fp32 value then costs about 3.33 bytes,
+so a 50% fp32 weight costs about 0.45x of dense, and SmolLM2-135M at 50% (whose tied 28M-parameter
+embedding, a fifth of the model, stays dense) 0.53x instead of 0.63x. ``save(code_values=False)``
+stores plain values.
+
 Example:
     >>> import tempfile, pathlib, torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,6 +81,7 @@ from prunus.export import (
     with_provenance,
     write_manifest,
 )
+from prunus.export import floatcode
 from prunus.fsutil import atomic_dir, check_out_dir
 from prunus.masks import pack, unpack
 
@@ -179,6 +188,10 @@ class _Reader:
                 raise ValueError("the manifest lists no tensors")
         except (KeyError, ValueError) as e:
             raise self.corrupt(e) from None
+        version = self.manifest.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{file} was written by a newer prunus (format version {version}; this "
+                                  f"one reads up to {FORMAT_VERSION}); upgrade prunus to load it")
 
     def _open(self) -> None:
         try:
@@ -207,6 +220,20 @@ class _Reader:
             self._open()
             self._mapped = 0
         return t
+
+    def get_floats(self, name: str, info: Mapping[str, Any], n: int) -> Tensor:
+        """The (n,) float tensor stored under ``name``, plain or coded as the manifest ``info`` says."""
+        coding = info.get("coding")
+        if coding is None:
+            return self.get(name)
+        if coding != floatcode.CODING:
+            raise self.corrupt(f"{name}: unknown value coding {coding!r}")
+        dtype = parse_dtype(info.get("dtype", "float32"))
+        hi, lo = self.get(name + floatcode.HI), self.get(name + floatcode.LO)
+        try:
+            return floatcode.decode(hi, lo, dtype, n)
+        except ValueError as e:
+            raise self.corrupt(f"{name}: {e}") from None
 
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
@@ -270,14 +297,17 @@ def _decode(r: _Reader, key: str, info: Mapping[str, Any], out: Tensor | None = 
     stored shape and dtype (so loading needs no second copy), else into a new tensor."""
     enc = info.get("encoding")
     if enc == "dense":
-        t = r.get(key)
+        shape = tuple(int(s) for s in info.get("shape", ()))
+        t = r.get_floats(key, info, math.prod(shape))
+        if info.get("coding") is not None:
+            t = t.reshape(shape)
         if out is not None and out.device.type == "cpu" and out.dtype == t.dtype and out.shape == t.shape:
             return out.copy_(t)
         return t
     if enc not in ("bitmask", "csr"):
         raise r.corrupt(f"{key}: unknown encoding {enc!r}")
     mask, kept = _decode_mask(r, key, info)
-    values = r.get(key + VALUES)
+    values = r.get_floats(key + VALUES, info, kept)
     if values.numel() != kept or values.dim() != 1:
         raise r.corrupt(f"{key}: {values.numel()} values for {kept} kept weights")
     if out is not None and out.device.type == "cpu" and out.dtype == values.dtype and out.shape == mask.shape:
@@ -305,9 +335,20 @@ def _weights_file(path: str | os.PathLike[str]) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+def _put(tensors: dict[str, Tensor], name: str, t: Tensor, code: bool) -> str | None:
+    """Store ``t`` under ``name``, coded by :mod:`~prunus.export.floatcode` when ``code`` and that is
+    smaller; returns the coding used (None: stored plain)."""
+    parts = floatcode.encode(t) if code else None
+    if parts is None:
+        tensors[name] = t.to("cpu").contiguous()
+        return None
+    tensors.update({name + suffix: p for suffix, p in parts.items()})
+    return floatcode.CODING
+
+
 def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, Tensor] | None = None,
          metadata: Mapping[str, Any] | None = None, tokenizer: Any | None = None,
-         overwrite: bool = False) -> ExportInfo:
+         overwrite: bool = False, code_values: bool = True) -> ExportInfo:
     """Save ``model`` as a compressed checkpoint folder, atomically.
 
     Args:
@@ -318,6 +359,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
         metadata: JSON-serialisable provenance, stored in ``prunus.json`` and the weights' header.
         tokenizer: saved beside the weights when given.
         overwrite: replace an existing folder, only once the new one is complete.
+        code_values: code floating-point values losslessly (:mod:`prunus.export.floatcode`) where
+            that is smaller; False stores them plain (faster to save and load, about 17% larger).
 
     Returns:
         :class:`~prunus.export.ExportInfo`; ``encodings`` says how each masked weight is stored.
@@ -339,12 +382,15 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
         info: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
         if key in key_masks:
             enc, parts = encode(t, key_masks[key].mask)
+            coding = _put(tensors, key + VALUES, parts.pop(VALUES), code_values)
             tensors.update({key + suffix: p for suffix, p in parts.items()})
             info.update(encoding=enc, **key_masks[key].layout())
             encodings[key] = enc
         else:
-            tensors[key] = t.to("cpu").contiguous()
+            coding = _put(tensors, key, t, code_values)
             info["encoding"] = "dense"
+        if coding is not None:
+            info["coding"] = coding
         layout[key] = info
 
     cfg = plain_config(model, dtype)
