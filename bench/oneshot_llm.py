@@ -29,7 +29,8 @@ PEER = [str(ROOT / ".venv-peer/bin/python"), str(ROOT / "bench/peer_llmcompresso
 BASE = [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
         ("magnitude", "0.5"), ("magnitude", "2:4")]
 # configurations that try to go past the peers with the same calibration budget
-EXTRA = [("sparsegpt", "0.5", "dsnot", "uniform"), ("sparsegpt", "2:4", "dsnot", "uniform"),
+EXTRA = [("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "2:4", None, "uniform"),
+         ("sparsegpt", "0.5", "dsnot", "uniform"), ("sparsegpt", "2:4", "dsnot", "uniform"),
          ("sparsegpt", "0.5", None, "owl"), ("sparsegpt", "0.5", "dsnot", "owl"),
          ("wanda", "0.5", "dsnot", "uniform"), ("wanda", "2:4", "dsnot", "uniform")]
 

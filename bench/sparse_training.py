@@ -59,7 +59,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="digits, 1 epoch, 1 seed, two sparsities")
     ap.add_argument("--models", default="lenet300,lenet5", help="part 1 models (comma-separated)")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated: 1, 2, 3)")
+    ap.add_argument("--markdown", metavar="RESULTS_JSON",
+                    help="print the README tables of an earlier run's results.json and exit")
     a = ap.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(Path(a.markdown).read_text())))
+        return 0
     parts = {p.strip() for p in a.parts.split(",")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +111,10 @@ def main(argv=None) -> int:
             go(**text, method="srste", sparsity=pat)
             go(**text, method="pgf", sparsity=pat, options=(("decay", "linear"),))
     spdf = spdf_part(go, text, spdf_epochs) if "3" in parts else None
-    write_json(str(out / "results.json"), {"rows": rows, "spdf": spdf, "seconds": round(time.time() - t0, 1)})
+    doc = {"rows": rows, "spdf": spdf, "seconds": round(time.time() - t0, 1)}
+    write_json(str(out / "results.json"), doc)
     plot(rows, out / "accuracy_vs_sparsity.png")
+    print(markdown(doc))
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_sparsity.png'} in {time.time() - t0:.0f}s")
     return 0
 
@@ -134,6 +141,57 @@ def spdf_part(go, text: dict, epochs: tuple[int, int]) -> dict:
           f"training FLOPs {sp['train_flops']:.3g} vs {dn['train_flops']:.3g}: {100 * saved:.1f}% saved\n",
           flush=True)
     return summary
+
+
+LABELS = {("static", "uniform"): "static uniform", ("static", "erk"): "static ERK", ("gmp", "uniform"): "GMP",
+          ("set", "erk"): "SET (ERK)", ("rigl", "erk"): "RigL (ERK)", ("lth", "uniform"): "LTH, rewinding",
+          ("lth_reinit", "uniform"): "LTH masks, random re-init", ("random_search", "uniform"): "random search"}
+
+
+def markdown(doc: dict) -> str:
+    """The README tables: accuracy (mean ± std) per method and sparsity for each model, the N:M
+    perplexities and the SPDF summary."""
+    rows = doc["rows"]
+    out = []
+    cls = [r for r in rows if "accuracy" in r]
+    for model in dict.fromkeys(r["model"] for r in cls):
+        mine = [r for r in cls if r["model"] == model]
+        specs = list(dict.fromkeys(r["sparsity_spec"] for r in mine if r["method"] != "dense"))
+        epochs = mine[0].get("epochs", "?")
+        seeds = mine[0].get("seeds")
+        n_seeds = len(seeds) if isinstance(seeds, list) else seeds
+        out.append(f"**{mine[0]['task']}, {model}** ({epochs} epochs per phase, {n_seeds} seeds)\n")
+        out.append("| method | " + " | ".join(f"{float(s):.0%}" for s in specs) + " |")
+        out.append("|---|" + "---|" * len(specs))
+        for r in mine:
+            if r["method"] == "dense":
+                out.append(f"| dense (0%) | {r['accuracy']:.2f} ± {r['accuracy_std']:.2f} |" + " |" * (len(specs) - 1))
+        for key, label in LABELS.items():
+            cells = {r["sparsity_spec"]: r for r in mine if (r["method"], r["allocation"]) == key}
+            if cells:
+                out.append(f"| {label} | " + " | ".join(
+                    f"{cells[s]['accuracy']:.2f} ± {cells[s]['accuracy_std']:.2f}" if s in cells else ""
+                    for s in specs) + " |")
+        out.append("")
+    text = [r for r in rows if "perplexity" in r and not r.get("finetune_book")]
+    if text:
+        out.append("**N:M on the tiny GPT** (validation perplexity per byte, mean ± std)\n")
+        out.append("| method | pattern | ppl |")
+        out.append("|---|---|---|")
+        for r in text:
+            out.append(f"| {r['method']} | {r['sparsity_spec'] if r['method'] != 'dense' else '-'} | "
+                       f"{r['perplexity']:.3f} ± {r['perplexity_std']:.3f} |")
+        out.append("")
+    sp = doc.get("spdf")
+    if sp:
+        out.append(f"**SPDF** ({sp['schedule']}): validation ppl on Pride and Prejudice "
+                   f"{sp['spdf_ppl']:.3f} ± {sp['spdf_ppl_std']:.3f} (75% sparse pre-training, dense "
+                   f"fine-tuning) vs {sp['dense_ppl']:.3f} ± {sp['dense_ppl_std']:.3f} (dense throughout); "
+                   f"training FLOPs {sp['spdf_train_flops']:.3g} vs {sp['dense_train_flops']:.3g}, "
+                   f"{100 * sp['train_flops_saved']:.1f}% saved.")
+    if "seconds" in doc:
+        out.append(f"\nTotal time: {doc['seconds'] / 60:.1f} min.")
+    return "\n".join(out)
 
 
 def plot(rows, path: Path) -> None:

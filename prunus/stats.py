@@ -7,6 +7,9 @@ Shapes, for a linear layer with weight (out, in) and calibration inputs X of sha
     input_sq_norm  (in,)     sum_t X[t, j]^2           Wanda's ||X_j||_2^2
     input_sum      (in,)     sum_t X[t, j]             DSnoT's E[X_j] * tokens
     hessian        (in, in)  sum_t X[t]^T X[t]          SparseGPT's H / 2 (unscaled)
+    cross          (in, in)  sum_t D[t]^T X[t]          D: the same layer's input in the *dense*
+                                                         model on the same tokens (asymmetric
+                                                         calibration; costs a dense forward per block)
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-STAT_NAMES = frozenset({"input_sq_norm", "input_sum", "hessian"})
+STAT_NAMES = frozenset({"input_sq_norm", "input_sum", "hessian", "cross"})
+DENSE_STATS = frozenset({"cross"})  # statistics that need the dense model's inputs beside the pruned ones
 
 
 @dataclass
@@ -29,6 +33,7 @@ class LayerStats:
         input_sq_norm: (in,) sum over tokens of x_j^2, or None if not collected.
         input_sum: (in,) sum over tokens of x_j, or None.
         hessian: (in, in) sum over tokens of x x^T (float32, or float64 when asked), or None.
+        cross: (in, in) sum over tokens of d x^T, d the dense model's input on the same token.
         seed: a per-layer seed for randomised criteria, derived from the run's seed and the name.
     """
 
@@ -36,11 +41,15 @@ class LayerStats:
     input_sq_norm: Optional[Tensor] = None
     input_sum: Optional[Tensor] = None
     hessian: Optional[Tensor] = None
+    cross: Optional[Tensor] = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
-    def add(self, x: Tensor, needs: frozenset[str]) -> None:
-        """Accumulate a batch of inputs ``x`` (..., in) into the requested statistics."""
+    def add(self, x: Tensor, needs: frozenset[str], dense: Optional[Tensor] = None) -> None:
+        """Accumulate a batch of inputs ``x`` (..., in) into the requested statistics.
+
+        ``dense`` is the dense model's input on the same tokens, shaped like ``x``; ``cross`` needs it.
+        """
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
         self.tokens += x.shape[0]
         if "input_sq_norm" in needs:
@@ -52,6 +61,11 @@ class LayerStats:
         if "hessian" in needs:
             h = x.t() @ x  # (in, in)
             self.hessian = h if self.hessian is None else self.hessian.add_(h)
+        if "cross" in needs:
+            if dense is None or dense.numel() != x.numel():
+                raise ValueError("cross needs the dense model's inputs on the same tokens")
+            c = dense.detach().reshape(-1, x.shape[1]).float().t() @ x  # (in, in)
+            self.cross = c if self.cross is None else self.cross.add_(c)
 
     @property
     def input_norm(self) -> Tensor:
