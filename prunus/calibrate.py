@@ -44,6 +44,8 @@ from prunus.stats import DENSE_STATS, LayerStats, layer_seed
 from prunus.targets import Target
 
 OnLayer = Callable[[Target, LayerStats], None]
+# after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
+AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]], None]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -190,7 +192,8 @@ def _block_output(out: Any) -> Tensor:
 
 def _dense_pass(block: nn.Module, targets: Sequence[Target], chunk: Chunk,
                 hidden: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """Run the (still dense) ``block`` on the dense stream's ``hidden``: each target's input, and the output."""
+    """Run the (still dense) ``block`` on the dense stream's ``hidden``: the inputs of ``targets``,
+    and the output."""
     got: dict[str, Tensor] = {}
     handles = [t.module.register_forward_pre_hook(lambda m, a, n=t.name: got.__setitem__(n, a[0]))
                for t in targets]
@@ -215,7 +218,7 @@ def block_index(block_prefix: str, name: str) -> Optional[int]:
 def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], needs: frozenset[str],
                   on_layer: Optional[OnLayer], *, device: str | torch.device = "cpu",
                   batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
-                  desc: str = "calibrate") -> None:
+                  desc: str = "calibrate", after_block: Optional[AfterBlock] = None) -> None:
     """Run ``windows`` (n, seqlen) through the model block by block, calling ``on_layer`` per target.
 
     Args:
@@ -229,6 +232,10 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         batch_size: windows per chunk; None (default) puts all windows in one chunk (in-flight).
         seed: base seed for per-layer seeds in the statistics.
         progress: show a progress bar over blocks.
+        after_block: called once per block after its targets are pruned, with the block's
+            pruned-stream inputs and the dense block's outputs per chunk (a dense stream is kept
+            for it); it may update the block (see :mod:`prunus.reconstruct`), whose outputs are
+            then recomputed.
     """
     device = torch.device(device)
     prefix, blocks = find_blocks(model)
@@ -248,7 +255,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
     chunks = capture_inputs(model, blocks, windows, batch_size, device)
     in_flight = len(chunks) == 1
     # the dense model's hidden states, per chunk, when a statistic compares against them
-    dense = [c.hidden for c in chunks] if (needs & DENSE_STATS and on_layer is not None) else None
+    want_inputs = bool(needs & DENSE_STATS) and on_layer is not None
+    dense = [c.hidden for c in chunks] if (want_inputs or after_block is not None) else None
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False)
     for i in bar:
         block = blocks[i].to(device)
@@ -257,13 +265,15 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         try:
             if in_flight:
                 if dense is not None:
-                    col.dense_inputs, dense[0] = _dense_pass(block, mine, chunks[0], dense[0])
+                    col.dense_inputs, dense[0] = _dense_pass(block, mine if want_inputs else [],
+                                                             chunks[0], dense[0])
                 col.attach(in_flight=True)
                 outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
             else:
                 for k, c in enumerate(chunks):
                     if dense is not None:
-                        col.dense_inputs, dense[k] = _dense_pass(block, mine, c, dense[k])
+                        col.dense_inputs, dense[k] = _dense_pass(block, mine if want_inputs else [],
+                                                                 c, dense[k])
                     col.attach(in_flight=False)
                     block(c.hidden, **c.kwargs)
                     col.detach()
@@ -276,6 +286,9 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         finally:
             col.detach()
             col.dense_inputs = {}
+        if after_block is not None:
+            after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
+            outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         for c, o in zip(chunks, outs):
             c.hidden = o
         if device.type != "cpu":

@@ -145,7 +145,8 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
           *, refine: Optional[str] = None, include: Sequence[str] = ("*",),
           exclude: Sequence[str] = DEFAULT_EXCLUDE, method_options: Any = None,
           refine_options: Any = None, allocation_options: Any = None, device: str = "cpu",
-          batch_size: Optional[int] = None, seed: int = 0, progress: bool = True) -> PruneResult:
+          batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
+          reconstruct: Any = None) -> PruneResult:
     """Prune ``model`` in place to ``spec`` with ``method``; return masks and a per-layer report.
 
     Args:
@@ -161,6 +162,8 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         batch_size: calibration windows per chunk; None processes all at once (one forward per block).
         seed: seeds random criteria and nothing else (calibration windows are chosen by the caller).
         progress: progress bars.
+        reconstruct: :class:`~prunus.reconstruct.ReconstructOptions` (or a mapping of them) to tune
+            each pruned block's kept weights towards the dense block's outputs; None: off.
 
     Returns:
         A :class:`PruneResult`; the model's weights are pruned in place.
@@ -188,14 +191,21 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         check_divisible(t.shape, spec.pattern, t.name)
     check_weights_finite(targets)
     needs = meth.needs | (ref.needs if ref else frozenset())
-    if (needs or allocation.needs_outliers) and calib is None:
-        what = meth.name if meth.needs else (ref.name if ref and ref.needs else spec.allocation)
+    from prunus.reconstruct import ReconstructOptions, reconstruct_block
+
+    rec = reconstruct if not isinstance(reconstruct, dict) else \
+        build_options(ReconstructOptions, reconstruct, "reconstruct")
+    if rec is not None and rec.epochs == 0:
+        rec = None
+    if (needs or allocation.needs_outliers or rec is not None) and calib is None:
+        what = meth.name if meth.needs else (ref.name if ref and ref.needs else
+                                             spec.allocation if allocation.needs_outliers else "reconstruct")
         raise DataError(f"{what} needs calibration data (calib token windows)")
     if calib is not None and calib.ndim != 2:
         raise DataError(f"calibration windows must be (n, seqlen), got shape {tuple(calib.shape)}")
 
     # per-layer budgets
-    prefix = find_blocks(model)[0] if (needs or allocation.needs_outliers) else None
+    prefix = find_blocks(model)[0] if (needs or allocation.needs_outliers or rec is not None) else None
     outliers = None
     if allocation.needs_outliers:
         prefix = find_blocks(model)[0]
@@ -214,9 +224,14 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         t.set((new_w * keep).to(t.get().dtype))
         masks[t.name] = keep.bool().cpu()
 
-    if needs:
+    after = None
+    if rec is not None:
+        def after(i, block, mine, inputs, wanted):  # noqa: ANN001
+            reconstruct_block(block, mine, masks, inputs, wanted, rec)
+
+    if needs or rec is not None:
         run_blockwise(model, calib, targets, needs, prune_layer, device=device, batch_size=batch_size,
-                      seed=seed, progress=progress, desc=f"{meth.name} {spec}")
+                      seed=seed, progress=progress, desc=f"{meth.name} {spec}", after_block=after)
     else:
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{meth.name} {spec}", unit="layer", disable=not progress,
