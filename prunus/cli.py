@@ -26,6 +26,9 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--sparsity", help="spec(s), comma-separated: 0.5, 50%%, 2:4, 4x4@0.5, channel@0.3")
     p.add_argument("--allocation", help="layer budget: uniform, global, erk, owl")
     p.add_argument("--refine", help="mask refiner applied after the method: dsnot")
+    p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
+                   help="after each block is pruned, tune its kept weights for EPOCHS passes over the "
+                        "calibration windows towards the dense block's outputs (default off)")
     p.add_argument("--calib", help="calibration text: a file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
@@ -173,6 +176,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             d[k] = v
     if args.no_baselines:
         d["baselines"] = []
+    if getattr(args, "reconstruct", None) is not None:
+        d["reconstruct"] = {**dict(d.get("reconstruct") or {}), "epochs": args.reconstruct}
     d["progress"] = not args.quiet
     job = job_from_mapping(d)
     if job.out and os.path.exists(job.out) and not job.overwrite:

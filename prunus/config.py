@@ -59,6 +59,7 @@ class PruneJob:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     refine_options: Mapping[str, Any] = field(default_factory=dict)
     allocation_options: Mapping[str, Any] = field(default_factory=dict)
+    reconstruct: Mapping[str, Any] = field(default_factory=dict)  # ReconstructOptions; empty: off
     out: Optional[str] = None
     format: str = "compressed"
     overwrite: bool = False
@@ -102,6 +103,12 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         r = get_refiner(str(d["refine"]))
         build_options(r.options, d.get("refine_options"), f"refiner {r.name}")
     build_options(ALLOCATIONS[allocation].options, d.get("allocation_options"), f"allocation {allocation}")
+    if d.get("reconstruct"):
+        from prunus.reconstruct import ReconstructOptions
+
+        if not isinstance(d["reconstruct"], Mapping):
+            raise SpecError("reconstruct must be a mapping of options, e.g. {epochs: 4, lr: 1.0e-4}")
+        build_options(ReconstructOptions, d["reconstruct"], "reconstruct")
     for k in _INT_FIELDS:
         if d.get(k) is not None:
             try:

@@ -108,12 +108,13 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         for name, role in runs:
             restore()
             refine = job.refine if role == "method" else None
-            res = prune(model, spec, name, calib, refine=refine, include=job.include,
+            recon = dict(job.reconstruct) if role == "method" and job.reconstruct else None
+            res = prune(model, spec, name, calib, refine=refine, include=job.include, reconstruct=recon,
                         exclude=job.exclude, method_options=job.method_options if role == "method" else None,
                         refine_options=job.refine_options, allocation_options=job.allocation_options,
                         device=job.device, batch_size=job.calib_batch_size, seed=job.seed,
                         progress=job.progress)
-            label = name + (f"+{refine}" if refine else "")
+            label = name + (f"+{refine}" if refine else "") + ("+recon" if recon and recon.get("epochs", 1) else "")
             p, s = ppl(f"{label} {spec} ppl")
             rows.append(_row(label, role, spec, res, p, s))
             log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
@@ -135,7 +136,8 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
 def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optional[float]) -> dict[str, Any]:
     """Metadata stored with a checkpoint: how it was made, and how good it was."""
     return {"prunus_version": __version__, "source_model": job.model, "method": res.method,
-            "refine": res.refine, "spec": str(spec), "pattern": str(spec.pattern),
+            "refine": res.refine, "reconstruct": dict(job.reconstruct) or None,
+            "spec": str(spec), "pattern": str(spec.pattern),
             "sparsity_target": spec.sparsity, "allocation": spec.allocation,
             "achieved_sparsity": res.sparsity, "calib": job.calib, "nsamples": job.nsamples,
             "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,

@@ -94,6 +94,23 @@ def test_grid_recipe_and_overrides(tmp_path, capsys, tiny_llama_dir, text_files)
     assert code == 2 and "unknown option" in err
 
 
+def test_reconstruct_flag_and_recipe(tmp_path, capsys, tiny_llama_dir, text_files):
+    calib, ev = text_files
+    js = tmp_path / "r.json"
+    code, stdout, err = run(capsys, "prune", tiny_llama_dir, "--method", "sparsegpt-asym", "--sparsity", "0.5",
+                            "--calib", calib, "--eval", ev, "--reconstruct", "1", "--baselines", "dense",
+                            "--json", js, *FAST)
+    assert code == 0, err
+    r = json.loads(js.read_text())
+    assert [x["label"] for x in r["runs"]] == ["dense", "sparsegpt-asym+recon"]
+    assert r["sparsity"] == pytest.approx(0.5)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_llama_dir}\nmethod: wanda\nsparsity: 0.5\ncalib: {calib}\n"
+                      f"reconstruct: {{epochs: 1, lr: 1.0e-4, steps: 3}}\n")
+    code, _, err = run(capsys, "prune", "--recipe", recipe, "--quiet")
+    assert code == 2 and "reconstruct: unknown option(s) ['steps']" in err and err.count("\n") == 1
+
+
 def test_list(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0
