@@ -29,7 +29,9 @@ PEER = [str(ROOT / ".venv-peer/bin/python"), str(ROOT / "bench/peer_llmcompresso
 BASE = [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
         ("magnitude", "0.5"), ("magnitude", "2:4")]
 # configurations that try to go past the peers with the same calibration budget
-EXTRA = [("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "2:4", None, "uniform"),
+# (method, spec, refiner, allocation[, block-reconstruction epochs])
+EXTRA = [("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "0.5", None, "uniform", 4),
+         ("sparsegpt-asym", "2:4", None, "uniform"), ("sparsegpt-asym", "2:4", None, "uniform", 4),
          ("sparsegpt", "0.5", "dsnot", "uniform"), ("sparsegpt", "2:4", "dsnot", "uniform"),
          ("sparsegpt", "0.5", None, "owl"), ("sparsegpt", "0.5", "dsnot", "owl"),
          ("wanda", "0.5", "dsnot", "uniform"), ("wanda", "2:4", "dsnot", "uniform")]
@@ -45,7 +47,7 @@ def _run(cmd: list[str], js: Path) -> dict:
 
 
 def prunus_run(a: argparse.Namespace, method: str, sparsity: str, refine: str | None = None,
-               allocation: str = "uniform") -> dict:
+               allocation: str = "uniform", reconstruct: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "r.json"
         cmd = PRUNUS + ["prune", a.model, "--method", method, "--sparsity", sparsity, "--allocation",
@@ -54,6 +56,8 @@ def prunus_run(a: argparse.Namespace, method: str, sparsity: str, refine: str | 
                         "--quiet", "--json", str(js)]
         if refine:
             cmd += ["--refine", refine]
+        if reconstruct:
+            cmd += ["--reconstruct", str(reconstruct)]
         r = _run(cmd, js)
     return r if "error" in r else {k: r[k] for k in ("perplexity", "sparsity", "seconds", "peak_rss_mb")}
 
@@ -114,18 +118,20 @@ def main() -> int:
             rows.append({"tool": "llm-compressor", "method": method, "spec": sp, **q})
             print(f"llm-compressor {method} {sp}: {q}", flush=True)
     if a.extra:
-        for method, sp, refine, alloc in EXTRA:
+        for method, sp, refine, alloc, *rec in EXTRA:
             if only and method not in only:
                 continue
-            p = prunus_run(a, method, sp, refine, alloc)
-            label = method + (f"+{refine}" if refine else "") + ("" if alloc == "uniform" else f" ({alloc})")
+            epochs = rec[0] if rec else 0
+            p = prunus_run(a, method, sp, refine, alloc, epochs)
+            label = method + (f"+{refine}" if refine else "") + ("" if alloc == "uniform" else f" ({alloc})") \
+                + (f" + reconstruct {epochs}" if epochs else "")
             rows.append({"tool": "prunus", "method": label, "spec": sp, **p})
             print(f"prunus {label} {sp}: {p}", flush=True)
 
     print()
-    print(f"{'method':<26}{'spec':<6}{'tool':<16}{'ppl':>9}{'sparsity':>10}{'one-shot s':>12}{'peak RSS MB':>13}")
+    print(f"{'method':<34}{'spec':<6}{'tool':<16}{'ppl':>9}{'sparsity':>10}{'one-shot s':>12}{'peak RSS MB':>13}")
     for r in rows:
-        print(f"{r['method']:<26}{r['spec']:<6}{r['tool']:<16}{fmt(r.get('perplexity')):>9}"
+        print(f"{r['method']:<34}{r['spec']:<6}{r['tool']:<16}{fmt(r.get('perplexity')):>9}"
               f"{fmt(r.get('sparsity'), 4):>10}{fmt(r.get('seconds'), 1):>12}{fmt(r.get('peak_rss_mb'), 0):>13}"
               + (f"   {r['error']}" if "error" in r else ""))
     if a.json:
