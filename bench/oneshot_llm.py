@@ -30,7 +30,8 @@ BASE = [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", 
         ("magnitude", "0.5"), ("magnitude", "2:4")]
 # configurations that try to go past the peers with the same calibration budget
 # (method, spec, refiner, allocation[, block-reconstruction epochs])
-EXTRA = [("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "0.5", None, "uniform", 4),
+EXTRA = [("sparsegpt", "0.5", None, "uniform", 4), ("sparsegpt", "2:4", None, "uniform", 4),
+         ("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "0.5", None, "uniform", 4),
          ("sparsegpt-asym", "2:4", None, "uniform"), ("sparsegpt-asym", "2:4", None, "uniform", 4),
          ("sparsegpt", "0.5", "dsnot", "uniform"), ("sparsegpt", "2:4", "dsnot", "uniform"),
          ("sparsegpt", "0.5", None, "owl"), ("sparsegpt", "0.5", "dsnot", "owl"),
