@@ -282,7 +282,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
                     for t in by_block.get(i, []):
                         on_layer(t, col.stats[t.name])
                         col.stats[t.name] = LayerStats()
-                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+                if after_block is None:  # otherwise the outputs are computed once, after it
+                    outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         finally:
             col.detach()
             col.dense_inputs = {}
