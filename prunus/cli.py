@@ -234,6 +234,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows += [{"kind": "refiner", "name": r.name, "needs": ", ".join(sorted(r.needs)),
               "patterns": ", ".join(p.__name__ for p in r.patterns), "paper": r.paper}
              for r in sorted(REFINERS.values(), key=lambda r: r.name)]
+    from prunus.reconstruct import PAPER as RECONSTRUCT_PAPER
+
+    rows += [{"kind": "block step", "name": "--reconstruct N", "needs": "calibration, dense outputs",
+              "patterns": "all", "paper": RECONSTRUCT_PAPER}]
     rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs_outliers else "-",
               "patterns": "all but N:M" if a.name != "uniform" else "all", "paper": a.paper}
              for a in ALLOCATIONS.values()]

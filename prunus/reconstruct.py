@@ -32,6 +32,10 @@ from prunus.errors import SpecError
 from prunus.targets import Target
 
 
+PAPER = ("Guo et al. 2024, EBFT: Effective and Block-Wise Fine-Tuning for Sparse LLMs; Yang et al. 2025, "
+         "Wanda++: Pruning Large Language Models via Regional Gradients")
+
+
 @dataclass(frozen=True)
 class ReconstructOptions:
     """Options of :func:`reconstruct_block`.
