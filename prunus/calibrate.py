@@ -100,16 +100,21 @@ class Chunk:
     kwargs: dict[str, Any]
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside its tuples, lists and dicts."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 @torch.inference_mode()
@@ -288,6 +293,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             col.detach()
             col.dense_inputs = {}
         if after_block is not None:
+            outs = None  # recomputed below; not held while the block is tuned
             after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
             outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         for c, o in zip(chunks, outs):

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from prunus.calibrate import map_tensors
 from prunus.errors import SpecError
 from prunus.targets import Target
 
@@ -60,28 +61,12 @@ class ReconstructOptions:
 
 def _grad_ready(obj: Any) -> Any:
     """A copy of ``obj`` usable by autograd (tensors made under inference mode are not)."""
-    if isinstance(obj, Tensor):
-        return obj.clone() if torch.is_inference(obj) else obj
-    if isinstance(obj, tuple):
-        return tuple(_grad_ready(o) for o in obj)
-    if isinstance(obj, list):
-        return [_grad_ready(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _grad_ready(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.clone() if torch.is_inference(t) else t)
 
 
 def _rows(obj: Any, idx: Tensor, n: int) -> Any:
     """``obj`` restricted to windows ``idx`` where it has one row per window (``n`` rows), else as is."""
-    if isinstance(obj, Tensor):
-        return obj[idx] if obj.dim() > 0 and obj.shape[0] == n and n > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_rows(o, idx, n) for o in obj)
-    if isinstance(obj, list):
-        return [_rows(o, idx, n) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _rows(v, idx, n) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t[idx] if t.dim() > 0 and t.shape[0] == n and n > 1 else t)
 
 
 def _out(o: Any) -> Tensor:
