@@ -2,8 +2,8 @@
 
 Each configuration runs in its own process (so peak RSS is that run's own), one after another
 (never in parallel: on 2 cores a neighbour slows a run by up to 1.7x). Both tools calibrate on the
-same ``nsamples`` random windows of ``--calib`` (``prunus.data.calibration_windows``, seed 0) and
-are scored on the same first ``windows`` windows of ``--eval`` (``prunus.data.eval_windows``).
+same ``nsamples`` random windows of ``--calib`` (``prunus.io.data.calibration_windows``, seed 0) and
+are scored on the same first ``windows`` windows of ``--eval`` (``prunus.io.data.eval_windows``).
 
     bash scripts/setup.sh && bash bench/setup_peer.sh
     .venv/bin/python bench/oneshot_llm.py --json runs/oneshot_llm.json          # ~25 min on 2 cores

@@ -2,8 +2,8 @@
 
 Runs in the separate venv made by ``bench/setup_peer.sh`` (llmcompressor pins its own transformers).
 It uses prunus's own data and model code, so both tools see the very same calibration windows
-(:func:`prunus.data.calibration_windows`, seed 0) and evaluation windows
-(:func:`prunus.data.eval_windows`): only the pruning differs.
+(:func:`prunus.io.data.calibration_windows`, seed 0) and evaluation windows
+(:func:`prunus.io.data.eval_windows`): only the pruning differs.
 
 Usage::
 
@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # prunus.data / prunus.models need only torch + transformers
+sys.path.insert(0, str(ROOT))  # prunus.io.data / prunus.io.models need only torch + transformers
 
-from prunus.data import calibration_windows, eval_windows, resolve_text, tokenize  # noqa: E402
+from prunus.io.data import calibration_windows, eval_windows, resolve_text, tokenize  # noqa: E402
 from prunus.errors import PrunusError, SpecError  # noqa: E402
-from prunus.spec import NM, Unstructured, parse_sparsity  # noqa: E402
-from prunus.models import load_model  # noqa: E402
+from prunus.core.spec import NM, Unstructured, parse_sparsity  # noqa: E402
+from prunus.io.models import load_model  # noqa: E402
 
 CALIB_SEED = 0
 

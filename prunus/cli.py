@@ -1,6 +1,6 @@
 """The ``prunus`` command line: ``prune``, ``eval``, ``list``, ``train``, ``bench``, ``export``.
 
-Flags are turned into a :class:`~prunus.config.PruneJob` here and nowhere deeper. Every error a user
+Flags are turned into a :class:`~prunus.oneshot.job.PruneJob` here and nowhere deeper. Every error a user
 can cause ends as one line, ``prunus: error: ...``, with exit status 2; ``--debug`` shows the
 traceback instead. Unexpected failures also print one line (status 1) and point at ``--debug``.
 """
@@ -94,8 +94,8 @@ def _tokens(text: str) -> list[int]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from prunus.report import table
-    from prunus.runtime import bench_model
-    from prunus.runner import write_json
+    from prunus.kernels.runtime import bench_model
+    from prunus.oneshot.runner import write_json
 
     res = bench_model(args.model, device=args.device, tokens=_tokens(args.tokens), threads=args.threads,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -119,7 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from prunus.runtime import export_runtime
+    from prunus.kernels.runtime import export_runtime
 
     info, plan = export_runtime(args.checkpoint, args.out, runtime=args.runtime, tokens=_tokens(args.tokens),
                                 margin=args.margin, device=args.device, threads=args.threads,
@@ -156,9 +156,9 @@ _PRUNE_KEYS = ("method", "sparsity", "allocation", "refine", "calib", "nsamples"
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from prunus.config import apply_override, job_from_mapping, load_recipe
+    from prunus.oneshot.job import apply_override, job_from_mapping, load_recipe
     from prunus.report import plot_prune, prune_table
-    from prunus.runner import run_prune, write_json
+    from prunus.oneshot.runner import run_prune, write_json
 
     overrides = list(args.overrides)
     model = args.model
@@ -181,7 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     d["progress"] = not args.quiet
     job = job_from_mapping(d)
     if job.out and os.path.exists(job.out) and not job.overwrite:
-        from prunus.fsutil import check_out_dir
+        from prunus.io.fsutil import check_out_dir
 
         check_out_dir(job.out, job.overwrite)
     result = run_prune(job, log=lambda s: print(s, file=sys.stderr))
@@ -198,10 +198,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import time
 
-    from prunus import data
+    from prunus.io import data
     from prunus.evaluate import count_zeros, peak_rss_mb, perplexity
-    from prunus.models import load_model
-    from prunus.runner import write_json
+    from prunus.io.models import load_model
+    from prunus.oneshot.runner import write_json
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from prunus.algorithms import METHODS, REFINERS, load_all
-    from prunus.allocate import ALLOCATIONS
+    from prunus.budgets import ALLOCATIONS
     from prunus.report import table
 
     load_all()
@@ -234,7 +234,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows += [{"kind": "refiner", "name": r.name, "needs": ", ".join(sorted(r.needs)),
               "patterns": ", ".join(p.__name__ for p in r.patterns), "paper": r.paper}
              for r in sorted(REFINERS.values(), key=lambda r: r.name)]
-    from prunus.reconstruct import PAPER as RECONSTRUCT_PAPER
+    from prunus.oneshot.steps.reconstruct import PAPER as RECONSTRUCT_PAPER
 
     rows += [{"kind": "block step", "name": "--reconstruct N", "needs": "calibration, dense outputs",
               "patterns": "all", "paper": RECONSTRUCT_PAPER}]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prunus.targets import Target
+from prunus.core.targets import Target
 
 
 # configs whose causal-LM head does more than a plain linear map (soft-capping, scaling): these get
@@ -36,7 +36,7 @@ def _nll_chunked(model: nn.Module, ids: Tensor, chunk: int) -> Optional[tuple[fl
     cfg = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or any(getattr(cfg, a, None) for a in _HEAD_EXTRAS):
         return None
-    from prunus.calibrate import inputs_of
+    from prunus.oneshot.calibrate import inputs_of
 
     got = inputs_of(head, lambda: model(input_ids=ids, use_cache=False))
     h = got[0][0] if got and got[0] else None
@@ -107,7 +107,7 @@ def layer_sparsity(targets: Sequence[Target]) -> dict[str, float]:
 
 def count_zeros(model: nn.Module, targets: Optional[Sequence[Target]] = None) -> tuple[int, int]:
     """(zeros, total) over ``targets`` (all prunable layers by default)."""
-    from prunus.targets import select
+    from prunus.core.targets import select
 
     targets = targets if targets is not None else select(model)
     z = sum(int((t.get() == 0).sum()) for t in targets)

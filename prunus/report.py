@@ -52,7 +52,7 @@ def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prunus.fsutil import atomic_file
+    from prunus.io.fsutil import atomic_file
 
     runs = [r for r in rows if r.get("per_layer")]
     specs = list(dict.fromkeys(r["spec"] for r in runs))

@@ -21,4 +21,4 @@ if ! "$PYTHON" -c "import rdata" 2>/dev/null; then
 fi
 
 cd "$ROOT"
-exec "$PYTHON" -m prunus.books "$@"
+exec "$PYTHON" -m prunus.io.books "$@"

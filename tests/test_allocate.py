@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunus.allocate import LayerInfo, OWLOptions, allocate, erk_densities, owl_outlier_ratio
+from prunus.budgets import LayerInfo, OWLOptions, allocate, erk_densities, owl_outlier_ratio
 
 
 def _mean(layers, out):

@@ -4,9 +4,9 @@ import torch
 from prunus import criteria
 from prunus.algorithms import get_method
 from prunus.errors import SpecError
-from prunus.masks import topk
-from prunus.spec import NM, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.masks import topk
+from prunus.core.spec import NM, Unstructured
+from prunus.core.stats import LayerStats
 
 
 def test_wanda_equals_formula():

@@ -1,4 +1,4 @@
-"""prunus.data and prunus.books: text sources, tokenization, and the shared token windows.
+"""prunus.io.data and prunus.io.books: text sources, tokenization, and the shared token windows.
 
 The default run is offline and uses temp files; the real books are under ``-m slow``.
 """
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from prunus import books
-from prunus.data import calibration_windows, eval_windows, max_eval_windows, resolve_text, tokenize
+from prunus.io import books
+from prunus.io.data import calibration_windows, eval_windows, max_eval_windows, resolve_text, tokenize
 from prunus.errors import DataError, PrunusError
 
 
@@ -54,7 +54,7 @@ def test_book_missing_names_fetch_command(cache):
     with pytest.raises(DataError) as e:
         resolve_text("book:emma")
     msg = str(e.value)
-    assert "fetch_data.sh" in msg and "python -m prunus.books" in msg
+    assert "fetch_data.sh" in msg and "python -m prunus.io.books" in msg
     assert str(cache / "books") in msg
     assert "\n" not in msg
 

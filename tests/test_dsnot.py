@@ -8,9 +8,9 @@ import torch
 from prunus.algorithms import build_options, get_method, get_refiner
 from prunus.algorithms.dsnot import DSnoTOptions, _FullHd, _LazyHd, dsnot, reconstruction_error
 from prunus.errors import SpecError
-from prunus.masks import pattern_violations, topk
-from prunus.spec import NM, Block, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.masks import pattern_violations, topk
+from prunus.core.spec import NM, Block, Unstructured
+from prunus.core.stats import LayerStats
 
 U = Unstructured()
 FREE = DSnoTOptions(update_threshold=0.0)  # rows run until no swap helps or cycles run out

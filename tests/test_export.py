@@ -17,9 +17,9 @@ from torch import nn
 import prunus.export as export
 from prunus.errors import CheckpointError, PrunusError
 from prunus.export import compressed
-from prunus.fsutil import OutputExistsError, atomic_dir, atomic_file, check_out_dir
-from prunus.masks import topk
-from prunus.spec import NM, Unstructured
+from prunus.io.fsutil import OutputExistsError, atomic_dir, atomic_file, check_out_dir
+from prunus.core.masks import topk
+from prunus.core.spec import NM, Unstructured
 
 
 def prune(model: nn.Module, sparsity: float, pattern=Unstructured(), embeddings: bool = False) -> dict:

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import prunus.export as export
 from prunus.errors import CheckpointError
 from prunus.export import floatcode as fc
-from prunus.masks import topk
-from prunus.spec import NM, Unstructured
+from prunus.core.masks import topk
+from prunus.core.spec import NM, Unstructured
 
 from test_export import prune
 

@@ -14,7 +14,7 @@ from prunus.errors import PrunusError
 from prunus.kernels import (KERNELS, KernelError, KernelSpec, SparseLinear, cpu, infer_pattern,
                             kernels_for, mask_satisfies, register_kernel)
 from prunus.kernels.measure import LayerPlan, Plan, apply_plan, plan_model, time_linear
-from prunus.spec import NM, Block, Unstructured
+from prunus.core.spec import NM, Block, Unstructured
 
 HAS_COMPILED = cpu.compiled_available()
 CPU_KERNELS = ["torch_csr"] + (["cpu_csr", "cpu_bitmap"] if HAS_COMPILED else [])

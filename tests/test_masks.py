@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from prunus.errors import SpecError
-from prunus.masks import n_pruned, pack, pattern_violations, sparsity_of, topk, unpack
-from prunus.spec import NM, Block, Channel, Unstructured
+from prunus.core.masks import n_pruned, pack, pattern_violations, sparsity_of, topk, unpack
+from prunus.core.spec import NM, Block, Channel, Unstructured
 
 U = Unstructured()
 

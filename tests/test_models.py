@@ -1,4 +1,4 @@
-"""prunus.models: loading from folders, GGUF, aliases and the hub; pickle is never opened.
+"""prunus.io.models: loading from folders, GGUF, aliases and the hub; pickle is never opened.
 
 The default run uses the tiny Llama fixture; the real SmolLM2-135M is under ``-m slow``.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunus import models
+from prunus.io import models
 from prunus.errors import ModelError
-from prunus.models import describe, load_model
+from prunus.io.models import describe, load_model
 
 
 def test_load_tiny_llama_folder(tiny_llama_dir, tiny_tokenizer):

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from prunus.algorithms import METHODS, method
-from prunus.calibrate import find_blocks
+from prunus.oneshot.calibrate import find_blocks
 from prunus.errors import DataError, ModelError, SparsityCheckError, SpecError
-from prunus.masks import pattern_violations, topk
-from prunus.pipeline import prune
-from prunus.spec import SparsitySpec, Unstructured
-from prunus.targets import select
+from prunus.core.masks import pattern_violations, topk
+from prunus.oneshot.pipeline import prune
+from prunus.core.spec import SparsitySpec, Unstructured
+from prunus.core.targets import select
 
 from conftest import make_tiny_llama
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from prunus.config import job_from_mapping, load_recipe
+from prunus.oneshot.job import job_from_mapping, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Block-wise reconstruction (prunus.reconstruct): masks kept, error against the dense block lowered."""
+"""Block-wise reconstruction (prunus.oneshot.steps.reconstruct): masks kept, error against the dense block lowered."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from prunus.calibrate import _block_output, capture_inputs, find_blocks
+from prunus.oneshot.calibrate import _block_output, capture_inputs, find_blocks
 from prunus.errors import DataError, SpecError
-from prunus.masks import pattern_violations, topk
-from prunus.pipeline import prune
-from prunus.reconstruct import ReconstructOptions, reconstruct_block
-from prunus.spec import NM, SparsitySpec, Unstructured
-from prunus.targets import select
+from prunus.core.masks import pattern_violations, topk
+from prunus.oneshot.pipeline import prune
+from prunus.oneshot.steps.reconstruct import ReconstructOptions, reconstruct_block
+from prunus.core.spec import NM, SparsitySpec, Unstructured
+from prunus.core.targets import select
 
 from conftest import make_tiny_llama
 from test_pipeline import calib  # noqa: F401  (fixture)

@@ -8,9 +8,9 @@ import torch
 from prunus.algorithms import build_options, get_method
 from prunus.algorithms.sparsegpt import SparseGPTOptions, sparsegpt
 from prunus.errors import SpecError
-from prunus.masks import n_pruned, pattern_violations, topk
-from prunus.spec import NM, Block, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.masks import n_pruned, pattern_violations, topk
+from prunus.core.spec import NM, Block, Unstructured
+from prunus.core.stats import LayerStats
 
 U = Unstructured()
 

@@ -8,13 +8,13 @@ import torch
 from prunus.algorithms import get_method
 from prunus.algorithms.sparsegpt import SparseGPTOptions, sparsegpt
 from prunus.algorithms.sparsegpt_asym import corrected_weight, sparsegpt_asym
-from prunus.calibrate import run_blockwise
+from prunus.oneshot.calibrate import run_blockwise
 from prunus.errors import SpecError
-from prunus.masks import n_pruned, pattern_violations
-from prunus.pipeline import prune
-from prunus.spec import NM, SparsitySpec, Unstructured
-from prunus.stats import LayerStats
-from prunus.targets import select
+from prunus.core.masks import n_pruned, pattern_violations
+from prunus.oneshot.pipeline import prune
+from prunus.core.spec import NM, SparsitySpec, Unstructured
+from prunus.core.stats import LayerStats
+from prunus.core.targets import select
 
 from conftest import make_tiny_llama
 from test_pipeline import _inputs, calib  # noqa: F401  (fixture)

@@ -1,7 +1,7 @@
 import pytest
 
 from prunus.errors import SpecError
-from prunus.spec import NM, Block, Channel, SparsitySpec, Unstructured, format_sparsity, parse_sparsity
+from prunus.core.spec import NM, Block, Channel, SparsitySpec, Unstructured, format_sparsity, parse_sparsity
 
 
 @pytest.mark.parametrize("text,pattern,ratio", [

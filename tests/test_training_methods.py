@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import prunus.training as T
-from prunus.allocate import LayerInfo, allocate
+from prunus.budgets import LayerInfo, allocate
 from prunus.errors import PrunusError, SpecError
-from prunus.masks import pattern_violations
-from prunus.spec import NM, SparsitySpec
+from prunus.core.masks import pattern_violations
+from prunus.core.spec import NM, SparsitySpec
 from prunus.training import schedules
 from prunus.training.dst import drop_grow
 from prunus.training.srste import srste_apply

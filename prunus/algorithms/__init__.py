@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 from torch import Tensor
 
 from prunus.errors import SpecError
-from prunus.spec import Pattern, Unstructured, NM, Block, Channel
-from prunus.stats import STAT_NAMES, LayerStats
+from prunus.core.spec import Pattern, Unstructured, NM, Block, Channel
+from prunus.core.stats import STAT_NAMES, LayerStats
 
 ALL_PATTERNS: tuple[type, ...] = (Unstructured, NM, Block, Channel)
 

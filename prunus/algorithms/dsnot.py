@@ -61,9 +61,9 @@ from torch import Tensor
 
 from prunus.algorithms import refiner
 from prunus.errors import SpecError
-from prunus.masks import check_divisible
-from prunus.spec import NM, Pattern, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.masks import check_divisible
+from prunus.core.spec import NM, Pattern, Unstructured
+from prunus.core.stats import LayerStats
 
 _INF = float("inf")
 

@@ -1,6 +1,6 @@
 """Score-then-select pruning: every registered criterion becomes a method of the same name.
 
-This is jaxpruner's split: the criterion scores (``prunus.criteria``), :func:`prunus.masks.topk`
+This is jaxpruner's split: the criterion scores (``prunus.criteria``), :func:`prunus.core.masks.topk`
 selects, and nothing else happens; the kept weights are not updated. Magnitude, random and Wanda
 (Sun et al. 2023) are all this one function.
 """
@@ -11,9 +11,9 @@ from torch import Tensor
 
 from prunus import criteria
 from prunus.algorithms import METHODS, Method, NoOptions, ALL_PATTERNS
-from prunus.masks import topk
-from prunus.spec import Pattern
-from prunus.stats import LayerStats
+from prunus.core.masks import topk
+from prunus.core.spec import Pattern
+from prunus.core.stats import LayerStats
 
 
 def score_method(crit: criteria.Criterion) -> Method:

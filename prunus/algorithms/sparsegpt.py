@@ -13,12 +13,12 @@ same ``H``, so one upper Cholesky factor ``U`` of ``H^-1`` holds all of the ``H_
 
 Deviation from the reference implementation (IST-DASLab/sparsegpt, ``fasterprune``): inside each
 block the reference prunes every score ``<=`` a threshold, which over-prunes on ties. Here each
-block prunes an exact count through :func:`prunus.masks.topk` (stable ties), and the counts are
+block prunes an exact count through :func:`prunus.core.masks.topk` (stable ties), and the counts are
 rounded cumulatively across blocks, so the layer ends at exactly ``n_pruned(out * in, sparsity)``
 zeros whatever the block size.
 
 Example:
-    >>> from prunus.spec import Unstructured
+    >>> from prunus.core.spec import Unstructured
     >>> w = torch.randn(8, 16); x = torch.randn(256, 16)
     >>> new_w, keep = sparsegpt(w, LayerStats(256, hessian=x.T @ x), 0.5, Unstructured(),
     ...                         SparseGPTOptions(), "demo")
@@ -37,9 +37,9 @@ from torch import Tensor
 
 from prunus.algorithms import method
 from prunus.errors import SpecError
-from prunus.masks import check_divisible, n_pruned, topk
-from prunus.spec import NM, Pattern, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.masks import check_divisible, n_pruned, topk
+from prunus.core.spec import NM, Pattern, Unstructured
+from prunus.core.stats import LayerStats
 
 
 @dataclass(frozen=True)

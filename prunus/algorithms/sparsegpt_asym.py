@@ -13,10 +13,10 @@ Because ``||X W^T - X~ W'^T||^2 = ||X~ (W* - W')^T||^2 + const`` with the least-
 ``W* = W X^T X~ (X~^T X~)^-1``, this is exactly SparseGPT's problem on the corrected weight
 ``W*`` with the usual Hessian ``H = X~^T X~``: compute ``W*`` with the same dampening, then run
 :func:`prunus.algorithms.sparsegpt.sparsegpt` on it. The statistic ``cross = X^T X~`` comes from the
-calibration loop's dense stream (:mod:`prunus.calibrate`), which costs one more forward per block.
+calibration loop's dense stream (:mod:`prunus.oneshot.calibrate`), which costs one more forward per block.
 
 Example:
-    >>> from prunus.spec import Unstructured
+    >>> from prunus.core.spec import Unstructured
     >>> x = torch.randn(256, 16); d = x + 0.1 * torch.randn(256, 16)    # pruned vs dense inputs
     >>> stats = LayerStats(256, hessian=x.T @ x, cross=d.T @ x)
     >>> w, keep = sparsegpt_asym(torch.randn(8, 16), stats, 0.5, Unstructured(), SparseGPTOptions(), "demo")
@@ -32,8 +32,8 @@ from torch import Tensor
 from prunus.algorithms import method
 from prunus.algorithms.sparsegpt import SparseGPTOptions, inverse_hessian_factor, sparsegpt
 from prunus.errors import SpecError
-from prunus.spec import NM, Pattern, Unstructured
-from prunus.stats import LayerStats
+from prunus.core.spec import NM, Pattern, Unstructured
+from prunus.core.stats import LayerStats
 
 
 def corrected_weight(weight: Tensor, stats: LayerStats, percdamp: float, name: str) -> Tensor:

@@ -1,6 +1,6 @@
 """Score functions: pure ``(weight, stats) -> scores`` with higher meaning keep.
 
-A criterion never sorts, selects or touches a model: :func:`prunus.masks.topk` turns scores into a
+A criterion never sorts, selects or touches a model: :func:`prunus.core.masks.topk` turns scores into a
 mask for any pattern, and the calibration runner supplies the statistics named in ``needs``.
 Adding one is one file in this package::
 
@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 from torch import Tensor
 
 from prunus.errors import SpecError
-from prunus.stats import STAT_NAMES, LayerStats
+from prunus.core.stats import STAT_NAMES, LayerStats
 
 ScoreFn = Callable[[Tensor, LayerStats], Tensor]
 
@@ -33,7 +33,7 @@ class Criterion:
     Attributes:
         name: registry key (CLI ``--method`` value).
         fn: ``(weight (out, in), stats) -> scores (out, in)``; higher means keep.
-        needs: calibration statistics the function reads (subset of ``prunus.stats.STAT_NAMES``).
+        needs: calibration statistics the function reads (subset of ``prunus.core.stats.STAT_NAMES``).
         per_row: compare scores within each output row (Wanda) rather than across the layer.
         paper: the citation shown by ``prunus list``.
     """

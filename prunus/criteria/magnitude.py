@@ -4,7 +4,7 @@ Connections for Efficient Neural Networks"; Zhu & Gupta 2017)."""
 from torch import Tensor
 
 from prunus.criteria import criterion
-from prunus.stats import LayerStats
+from prunus.core.stats import LayerStats
 
 
 @criterion("magnitude", paper="Han et al. 2015, Learning both Weights and Connections (NeurIPS)")

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from prunus.criteria import criterion
-from prunus.stats import LayerStats, as_generator
+from prunus.core.stats import LayerStats, as_generator
 
 
 @criterion("random", paper="Liu et al. 2022, The Unreasonable Effectiveness of Random Pruning (ICLR)")

@@ -4,7 +4,7 @@ Effective Pruning Approach for Large Language Models", ICLR 2024, eq. 1)."""
 from torch import Tensor
 
 from prunus.criteria import criterion
-from prunus.stats import LayerStats
+from prunus.core.stats import LayerStats
 
 
 @criterion("wanda", needs={"input_sq_norm"}, per_row=True,

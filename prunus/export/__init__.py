@@ -13,14 +13,14 @@ Formats (``FORMATS``):
     dense       an ordinary ``save_pretrained`` folder that plain ``from_pretrained`` loads, plus masks.
 
 Both write ``prunus.json`` (the metadata and the layout) and go through
-:func:`prunus.fsutil.atomic_dir`, so a checkpoint is complete or absent. Nothing here unpickles:
+:func:`prunus.io.fsutil.atomic_dir`, so a checkpoint is complete or absent. Nothing here unpickles:
 ``.bin``/``.pt``/``.pth``/``.pkl`` weights are refused with a :class:`CheckpointError`.
 
 Example:
     >>> import tempfile, pathlib, torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from prunus.masks import topk
-    >>> from prunus.spec import Unstructured
+    >>> from prunus.core.masks import topk
+    >>> from prunus.core.spec import Unstructured
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
     >>> w = model.model.layers[0].mlp.up_proj.weight
@@ -222,7 +222,7 @@ def resolve_masks(model: nn.Module, tensors: Mapping[str, Tensor], tied: Mapping
         tensors, tied: from :func:`unique_state`.
         masks: module fqn (or ``fqn.weight``) -> bool keep mask shaped like the module's weight.
             For a transposed ``Conv1D`` weight (in, out) the (out, in) mask that
-            :mod:`prunus.targets` works with is expected (a weight-shaped one is taken too when the
+            :mod:`prunus.core.targets` works with is expected (a weight-shaped one is taken too when the
             weight is not square); it is handed back by ``load_masks`` in the layout given.
 
     Returns:
@@ -509,7 +509,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     if runtime == "auto":
         meta = read_metadata(path)
         if "kernel_plan" in meta:
-            from prunus.runtime import apply_stored_plan
+            from prunus.kernels.runtime import apply_stored_plan
 
             apply_stored_plan(model, meta, load_masks(path))
     return model

@@ -10,7 +10,7 @@ A checkpoint is a folder::
 
 Each masked weight ``W`` (key ``k``) is stored in whichever encoding is smaller on disk:
 
-    bitmask  ``k.__bits__``   uint8, the keep mask packed 8 per byte (:func:`prunus.masks.pack`)
+    bitmask  ``k.__bits__``   uint8, the keep mask packed 8 per byte (:func:`prunus.core.masks.pack`)
              ``k.__values__`` the kept values in row-major order, W's dtype
     csr      ``k.__values__`` the same values
              ``k.__cols__``   column index of each value: int16 if there are < 32768 columns, else int32
@@ -82,8 +82,8 @@ from prunus.export import (
     write_manifest,
 )
 from prunus.export import floatcode
-from prunus.fsutil import atomic_dir, check_out_dir
-from prunus.masks import pack, unpack
+from prunus.io.fsutil import atomic_dir, check_out_dir
+from prunus.core.masks import pack, unpack
 
 NAME = "compressed"
 

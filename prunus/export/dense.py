@@ -52,8 +52,8 @@ from prunus.export import (
     with_provenance,
     write_manifest,
 )
-from prunus.fsutil import atomic_dir, check_out_dir
-from prunus.masks import pack, unpack
+from prunus.io.fsutil import atomic_dir, check_out_dir
+from prunus.core.masks import pack, unpack
 
 NAME = "dense"
 MASKS_FILE = "masks.safetensors"

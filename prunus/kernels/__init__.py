@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunus.errors import PrunusError
-from prunus.spec import NM, Block, Channel, Pattern, Unstructured
+from prunus.core.spec import NM, Block, Channel, Pattern, Unstructured
 
 __all__ = [
     "KERNELS", "KernelError", "KernelSpec", "SparseLinear", "available_kernels", "get_kernel",

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from prunus.kernels import (ALL_PATTERNS, KernelError, KernelSpec, SparseLinear, register_kernel)
-from prunus.spec import Block, Pattern
+from prunus.core.spec import Block, Pattern
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_sparse.cpp"
 COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr")

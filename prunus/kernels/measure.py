@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from prunus.kernels import (KERNELS, KernelError, SparseLinear, get_kernel, infer_pattern,
                             kernels_for, resolve_device)
-from prunus.spec import Pattern, format_sparsity, parse_sparsity
+from prunus.core.spec import Pattern, format_sparsity, parse_sparsity
 
 PLAN_FORMAT = "prunus-kernel-plan"
 PLAN_VERSION = 1

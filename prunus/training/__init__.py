@@ -6,7 +6,7 @@
 
 Every method is a factory ``(model, optimizer, spec, *, total_steps, seed, include, exclude,
 **options) -> Sparsifier`` registered in :data:`METHODS` with a typed, frozen options dataclass; an
-option that is not a field of it is an error. ``spec`` is a :class:`prunus.spec.SparsitySpec` or a
+option that is not a field of it is an error. ``spec`` is a :class:`prunus.core.spec.SparsitySpec` or a
 sparsity string (``"90%"``, ``"2:4"``); ``allocation=`` picks the layer budget (``uniform``, ``erk``).
 
 Methods (paper in each factory's docstring): static, gmp, lth, lth_reinit, set, rigl, srste, pgf,

@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o delta_t=100 -o alpha=0.3 (repeatable)")
     p.add_argument("--text-file", help="text task: train on this file instead of a bundled book")
-    p.add_argument("--book", help="text task: book fetched by prunus.books (default emma)")
+    p.add_argument("--book", help="text task: book fetched by prunus.io.books (default emma)")
     p.add_argument("--finetune-book", help="text task: after --epochs, fine-tune on this book "
                    "(SPDF releases its mask here)")
     p.add_argument("--finetune-text-file", help="text task: fine-tune on this file instead of a book")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from prunus.errors import PrunusError
-from prunus.spec import SparsitySpec, Unstructured
+from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.schedules import cosine_decay
 from prunus.training.sparsifier import Sparsifier, generator, layer_budgets, prepare, random_masks, sparse_init

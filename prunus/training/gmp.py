@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from prunus.spec import Block, Channel, SparsitySpec, Unstructured
+from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.schedules import cubic
 from prunus.training.sparsifier import Sparsifier, layer_budgets, mask_from_scores, prepare

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from prunus.spec import Block, Channel, SparsitySpec, Unstructured
-from prunus.stats import layer_seed
+from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
+from prunus.core.stats import layer_seed
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, layer_budgets, mask_from_scores, prepare, unwrap
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from prunus.errors import SpecError
-from prunus.masks import n_pruned
-from prunus.spec import SparsitySpec, Unstructured
+from prunus.core.masks import n_pruned
+from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import (Sparsifier, Target, generator, layer_budgets, prepare,
                                         random_masks, sparse_init, unwrap)

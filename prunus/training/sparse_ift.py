@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 from torch import nn
 
 from prunus.errors import SpecError
-from prunus.spec import SparsitySpec, Unstructured
+from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, as_spec
 

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from prunus import criteria
-from prunus.allocate import LayerInfo, allocate
+from prunus.budgets import LayerInfo, allocate
 from prunus.errors import SpecError
-from prunus.masks import n_pruned, topk
-from prunus.spec import NM, Pattern, SparsitySpec
-from prunus.stats import layer_seed, weight_only_stats
+from prunus.core.masks import n_pruned, topk
+from prunus.core.spec import NM, Pattern, SparsitySpec
+from prunus.core.stats import layer_seed, weight_only_stats
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -94,7 +94,7 @@ def check_pattern(method: str, spec: SparsitySpec, allowed: tuple[type, ...]) ->
 
 def layer_budgets(targets: Sequence[Target], spec: SparsitySpec, sparsity: Optional[float] = None,
                   weights: Optional[dict[str, Tensor]] = None) -> dict[str, float]:
-    """Per-layer sparsities for ``spec`` (through :func:`prunus.allocate.allocate`), checked.
+    """Per-layer sparsities for ``spec`` (through :func:`prunus.budgets.allocate`), checked.
 
     A layer that would keep no weight at all is an error: it would cut the network in two.
     """

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from prunus.errors import SpecError
-from prunus.spec import SparsitySpec, Unstructured
+from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from prunus.spec import NM, SparsitySpec
+from prunus.core.spec import NM, SparsitySpec
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, mask_from_scores, prepare
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from prunus.spec import NM, Block, Channel, SparsitySpec, Unstructured
+from prunus.core.spec import NM, Block, Channel, SparsitySpec, Unstructured
 from prunus.training import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
 

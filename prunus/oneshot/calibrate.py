@@ -17,7 +17,7 @@ that linear's real input and call ``on_layer(target, stats)``, which may rewrite
   block are pruned, and every chunk is run again to produce the outputs (Wanda's and SparseGPT's
   reference loop).
 
-*Asymmetric* statistics (``cross``, :data:`prunus.stats.DENSE_STATS`) compare each linear's input
+*Asymmetric* statistics (``cross``, :data:`prunus.core.stats.DENSE_STATS`) compare each linear's input
 in the pruned model with its input in the dense model on the same tokens. For those a second,
 dense stream of hidden states runs beside the pruned one: each chunk first goes through the block
 while it is still dense, recording every target's input, and the pruned pass then reads them. This
@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prunus.errors import ModelError
-from prunus.stats import DENSE_STATS, LayerStats, layer_seed
-from prunus.targets import Target
+from prunus.core.stats import DENSE_STATS, LayerStats, layer_seed
+from prunus.core.targets import Target
 
 OnLayer = Callable[[Target, LayerStats], None]
 # after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
@@ -230,7 +230,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         model: a decoder-only transformer (its blocks found by :func:`find_blocks`).
         windows: calibration token ids (n, seqlen).
         targets: layers to collect statistics for; every one must sit inside a block.
-        needs: statistics to collect (names from ``prunus.stats.STAT_NAMES``).
+        needs: statistics to collect (names from ``prunus.core.stats.STAT_NAMES``).
         on_layer: called once per target with its statistics; may rewrite the weight in place.
             None runs the model without touching it (used by OWL's statistics pass).
         device: where each block runs; the rest of the model stays where it is.
@@ -239,7 +239,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         progress: show a progress bar over blocks.
         after_block: called once per block after its targets are pruned, with the block's
             pruned-stream inputs and the dense block's outputs per chunk (a dense stream is kept
-            for it); it may update the block (see :mod:`prunus.reconstruct`), whose outputs are
+            for it); it may update the block (see :mod:`prunus.oneshot.steps.reconstruct`), whose outputs are
             then recomputed.
     """
     device = torch.device(device)

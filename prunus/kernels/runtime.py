@@ -31,7 +31,7 @@ PLAN_KEY = "kernel_plan"
 def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
     """The keep masks of a prunus checkpoint; for any other model, its non-zero pattern."""
     from prunus.export import load_masks
-    from prunus.targets import select
+    from prunus.core.targets import select
 
     if (Path(source) / "prunus.json").is_file():
         masks = load_masks(source)
@@ -62,7 +62,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         KernelError: ``device="cuda"`` without CUDA.
     """
     from prunus import export
-    from prunus.fsutil import check_out_dir
+    from prunus.io.fsutil import check_out_dir
     from prunus.kernels.measure import plan_model
 
     if runtime not in ("auto", "dense"):
@@ -133,7 +133,7 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
     """
     from prunus.kernels.measure import apply_plan, plan_model, time_linear
-    from prunus.models import load_model
+    from prunus.io.models import load_model
 
     dev = resolve_device(device)
     model, _ = load_model(source)

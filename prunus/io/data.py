@@ -10,7 +10,7 @@ This module defines the token windows everyone uses, prunus and the peer benchma
 Sources accepted by :func:`resolve_text`:
 
 * a path to a UTF-8 text file;
-* ``book:NAME``: a book fetched by ``scripts/fetch_data.sh`` (see :mod:`prunus.books`);
+* ``book:NAME``: a book fetched by ``scripts/fetch_data.sh`` (see :mod:`prunus.io.books`);
 * ``hf:DATASET[:CONFIG][:SPLIT]``: a Hugging Face dataset (needs ``datasets`` and a network),
   e.g. ``hf:wikitext:wikitext-2-raw-v1:test``.
 
@@ -86,7 +86,7 @@ def _file_text(path: Path) -> str:
 
 
 def _book_text(name: str) -> str:
-    from prunus import books  # keep `import prunus.data` free of the fetching code
+    from prunus.io import books  # keep `import prunus.io.data` free of the fetching code
 
     path = books.book_path(name)
     if not path.is_file():

@@ -14,9 +14,9 @@ file renamed into place), so an interrupted fetch never leaves half a book behin
 
 Command line (also ``scripts/fetch_data.sh``)::
 
-    python -m prunus.books                 # all books
-    python -m prunus.books emma pride      # just these
-    python -m prunus.books --list          # what exists and where
+    python -m prunus.io.books                 # all books
+    python -m prunus.io.books emma pride      # just these
+    python -m prunus.io.books --list          # what exists and where
 
 Example:
     >>> paths = fetch_books(["emma", "pride"])      # doctest: +SKIP
@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 from prunus.errors import DataError
 
 #: The command a user runs to fill the cache; named in every "book is missing" error.
-FETCH_COMMAND = "scripts/fetch_data.sh (or: python -m prunus.books)"
+FETCH_COMMAND = "scripts/fetch_data.sh (or: python -m prunus.io.books)"
 
 JANEAUSTEN_DEB = "r-cran-janeaustenr"
 JANEAUSTEN_INSTALLED = Path("/usr/lib/R/site-library/janeaustenr")  # if R's package is installed
@@ -287,7 +287,7 @@ def fetch_books(names: Iterable[str] | None = None, *, force: bool = False,
         raise DataError(f"unknown book {', '.join(unknown)}; known books: {', '.join(BOOKS)}")
     paths = {n: book_path(n) for n in wanted}
     todo = [n for n in wanted if force or not paths[n].is_file()]
-    say = (lambda msg: print(f"prunus.books: {msg}", file=sys.stderr)) if log else (lambda _: None)
+    say = (lambda msg: print(f"prunus.io.books: {msg}", file=sys.stderr)) if log else (lambda _: None)
     for n in wanted:
         if n not in todo:
             say(f"{n}: already in {paths[n]}")
@@ -310,9 +310,9 @@ def fetch_books(names: Iterable[str] | None = None, *, force: bool = False,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m prunus.books [NAME ...] [--force] [--list]``; returns the exit status."""
+    """``python -m prunus.io.books [NAME ...] [--force] [--list]``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m prunus.books",
+        prog="python -m prunus.io.books",
         description=f"Fetch public-domain books into {books_dir()} (set PRUNUS_CACHE to move it).")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"books to fetch (default: all): {', '.join(BOOKS)}")

@@ -28,10 +28,10 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from prunus.algorithms import build_options, get_method, get_refiner
-from prunus.allocate import ALLOCATIONS
+from prunus.budgets import ALLOCATIONS
 from prunus.errors import DataError, SpecError
-from prunus.spec import SparsitySpec
-from prunus.targets import DEFAULT_EXCLUDE
+from prunus.core.spec import SparsitySpec
+from prunus.core.targets import DEFAULT_EXCLUDE
 
 BASELINES = ("dense", "magnitude", "random")
 
@@ -104,7 +104,7 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         build_options(r.options, d.get("refine_options"), f"refiner {r.name}")
     build_options(ALLOCATIONS[allocation].options, d.get("allocation_options"), f"allocation {allocation}")
     if d.get("reconstruct"):
-        from prunus.reconstruct import ReconstructOptions
+        from prunus.oneshot.steps.reconstruct import ReconstructOptions
 
         if not isinstance(d["reconstruct"], Mapping):
             raise SpecError("reconstruct must be a mapping of options, e.g. {epochs: 4, lr: 1.0e-4}")

@@ -1,7 +1,7 @@
 """One-shot pruning of a model, end to end: targets -> budgets -> calibrated pruning -> check.
 
 This is the library entry point behind ``prunus.prune`` and ``prunus prune``. It takes typed
-objects only (a :class:`~prunus.spec.SparsitySpec`, option dataclasses); strings are parsed by the
+objects only (a :class:`~prunus.core.spec.SparsitySpec`, option dataclasses); strings are parsed by the
 CLI and recipe loader before they get here.
 
 Example:
@@ -21,14 +21,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prunus import allocate as alloc_mod
+import prunus.budgets as alloc_mod
 from prunus.algorithms import Method, Refiner, build_options, get_method, get_refiner
-from prunus.calibrate import block_index, find_blocks, run_blockwise
+from prunus.oneshot.calibrate import block_index, find_blocks, run_blockwise
 from prunus.errors import DataError, ModelError, SparsityCheckError
-from prunus.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
-from prunus.spec import NM, SparsitySpec
-from prunus.stats import LayerStats, weight_only_stats
-from prunus.targets import DEFAULT_EXCLUDE, Target, select
+from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
+from prunus.core.spec import NM, SparsitySpec
+from prunus.core.stats import LayerStats, weight_only_stats
+from prunus.core.targets import DEFAULT_EXCLUDE, Target, select
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _layer_infos(targets: Sequence[Target], prefix: Optional[str], weights: bool
 def owl_outliers(model: nn.Module, targets: Sequence[Target], calib: Tensor, m: float, *,
                  device: str, batch_size: Optional[int], seed: int, progress: bool) -> dict[str, float]:
     """OWL's statistics pass on the dense model: per block, the share of Wanda scores above m * mean."""
-    from prunus.allocate import owl_outlier_ratio
+    from prunus.budgets import owl_outlier_ratio
     from prunus.criteria import get as get_criterion
 
     wanda = get_criterion("wanda")
@@ -107,7 +107,7 @@ def owl_outliers(model: nn.Module, targets: Sequence[Target], calib: Tensor, m: 
 
 def _rounding_tolerance(spec: SparsitySpec, shape: tuple[int, int]) -> float:
     """How far a layer's mask may sit from its budget by rounding alone: one unit per row."""
-    from prunus.spec import Block, Channel
+    from prunus.core.spec import Block, Channel
 
     out_f, in_f = shape
     if isinstance(spec.pattern, Block):
@@ -162,7 +162,7 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         batch_size: calibration windows per chunk; None processes all at once (one forward per block).
         seed: seeds random criteria and nothing else (calibration windows are chosen by the caller).
         progress: progress bars.
-        reconstruct: :class:`~prunus.reconstruct.ReconstructOptions` (or a mapping of them) to tune
+        reconstruct: :class:`~prunus.oneshot.steps.reconstruct.ReconstructOptions` (or a mapping of them) to tune
             each pruned block's kept weights towards the dense block's outputs; None: off.
 
     Returns:
@@ -191,7 +191,7 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         check_divisible(t.shape, spec.pattern, t.name)
     check_weights_finite(targets)
     needs = meth.needs | (ref.needs if ref else frozenset())
-    from prunus.reconstruct import ReconstructOptions, reconstruct_block
+    from prunus.oneshot.steps.reconstruct import ReconstructOptions, reconstruct_block
 
     rec = reconstruct if not isinstance(reconstruct, dict) else \
         build_options(ReconstructOptions, reconstruct, "reconstruct")

@@ -17,17 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from prunus import __version__
-from prunus.config import PruneJob
+from prunus.oneshot.job import PruneJob
 from prunus.evaluate import peak_rss_mb, perplexity
-from prunus.pipeline import PruneResult, prune
-from prunus.spec import SparsitySpec
-from prunus.targets import select
+from prunus.oneshot.pipeline import PruneResult, prune
+from prunus.core.spec import SparsitySpec
+from prunus.core.targets import select
 
 Log = Callable[[str], None]
 
 
 def _windows(job: PruneJob, tokenizer: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    from prunus import data
+    from prunus.io import data
 
     calib = ev = None
     if job.calib:
@@ -59,8 +59,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     at the first spec, the fields ``perplexity``, ``sparsity``, ``per_layer``, ``seconds`` and
     ``peak_rss_mb`` at top level with ``baselines`` beside them.
     """
-    from prunus import export, fsutil
-    from prunus.models import load_model
+    from prunus import export
+    from prunus.io import fsutil
+    from prunus.io.models import load_model
 
     if job.out:
         fsutil.check_out_dir(job.out, job.overwrite)
@@ -160,7 +161,7 @@ def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str
 
 
 def write_json(obj: Any, path: str) -> None:
-    from prunus.fsutil import atomic_file
+    from prunus.io.fsutil import atomic_file
 
     with atomic_file(path) as tmp:
         with open(tmp, "w") as f:

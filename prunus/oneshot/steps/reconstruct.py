@@ -15,7 +15,7 @@ the only data: nothing beyond the one-shot method's calibration budget.
 This is the block-wise objective of EBFT (Guo et al. 2024, "EBFT: Effective and Block-Wise
 Fine-Tuning for Sparse LLMs") and of the regional optimisation of Wanda++ (Yang et al. 2025,
 "Wanda++: Pruning Large Language Models via Regional Gradients"). It runs inside the one
-calibration loop (:func:`prunus.calibrate.run_blockwise`, ``after_block``), which keeps the dense
+calibration loop (:func:`prunus.oneshot.calibrate.run_blockwise`, ``after_block``), which keeps the dense
 stream of hidden states it needs. Cost: ``epochs`` forward-and-backward passes over the
 calibration windows per block, about 3-4x a forward each.
 """
@@ -28,9 +28,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunus.calibrate import map_tensors
+from prunus.oneshot.calibrate import map_tensors
 from prunus.errors import SpecError
-from prunus.targets import Target
+from prunus.core.targets import Target
 
 
 PAPER = ("Guo et al. 2024, EBFT: Effective and Block-Wise Fine-Tuning for Sparse LLMs; Yang et al. 2025, "

@@ -144,7 +144,7 @@ class SparsitySpec:
         pattern: how zeros may be laid out (:class:`Unstructured`, :class:`NM`, :class:`Block`,
             :class:`Channel`).
         sparsity: the fraction of targeted weights to set to zero, in [0, 1]. For N:M it is 1 - N/M.
-        allocation: how the budget is split over layers; a name in ``prunus.allocate.ALLOCATIONS``
+        allocation: how the budget is split over layers; a name in ``prunus.budgets.ALLOCATIONS``
             (``uniform``, ``global``, ``erk``, ``owl``).
     """
 
@@ -162,7 +162,7 @@ class SparsitySpec:
                     f"N:M ({self.pattern}) fixes every layer's sparsity; allocation "
                     f"{self.allocation!r} cannot apply, use 'uniform'"
                 )
-        from prunus.allocate import ALLOCATIONS  # late: allocate imports this module
+        from prunus.budgets import ALLOCATIONS  # late: allocate imports this module
 
         if self.allocation not in ALLOCATIONS:
             raise SpecError(

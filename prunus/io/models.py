@@ -34,7 +34,7 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 
-from prunus.books import cache_dir
+from prunus.io.books import cache_dir
 from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from prunus.errors import SpecError
-from prunus.spec import NM, Block, Channel, Pattern, Unstructured
+from prunus.core.spec import NM, Block, Channel, Pattern, Unstructured
 
 
 def n_pruned(n: int, sparsity: float) -> int:

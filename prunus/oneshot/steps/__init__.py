@@ -1,0 +1,1 @@
+"""Block steps: work run on each block after it is pruned, inside the one calibration loop."""
