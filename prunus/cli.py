@@ -156,7 +156,8 @@ _PRUNE_KEYS = ("method", "sparsity", "allocation", "refine", "calib", "nsamples"
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from prunus.oneshot.job import apply_override, job_from_mapping, load_recipe
+    from prunus.io.recipe import apply_override, load_recipe
+    from prunus.oneshot.job import job_from_mapping
     from prunus.report import plot_prune, prune_table
     from prunus.oneshot.runner import run_prune, write_json
 

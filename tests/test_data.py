@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from prunus.io.cache import cache_root
 from prunus.io import books
 from prunus.io.data import calibration_windows, eval_windows, max_eval_windows, resolve_text, tokenize
 from prunus.errors import DataError, PrunusError
@@ -243,7 +244,7 @@ def test_windows_from_text_file(text_files, tiny_tokenizer):
 
 
 def test_books_cache_dir_env(cache):
-    assert books.cache_dir() == cache
+    assert cache_root() == cache
     assert books.book_path("emma") == cache / "books" / "emma.txt"
     assert set(books.BOOKS) == {"emma", "pride", "persuasion", "sense", "mansfield", "northanger",
                                 "shakespeare"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunus.io.cache import cache_root
 from prunus.io import models
 from prunus.errors import ModelError
 from prunus.io.models import describe, load_model
@@ -200,5 +201,5 @@ def test_smollm2_135m_real():
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
-    cached = models.cache_dir() / "models" / "smollm2-135m"
+    cached = cache_root() / "models" / "smollm2-135m"
     assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()

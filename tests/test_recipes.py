@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from prunus.oneshot.job import job_from_mapping, load_recipe
+from prunus.io.recipe import load_recipe
+from prunus.oneshot.job import job_from_mapping
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

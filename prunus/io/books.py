@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from prunus.errors import DataError
+from prunus.io.cache import cache_root
 
 #: The command a user runs to fill the cache; named in every "book is missing" error.
 FETCH_COMMAND = "scripts/fetch_data.sh (or: python -m prunus.io.books)"
@@ -74,23 +75,9 @@ BOOKS: dict[str, Book] = {
 }
 
 
-def cache_dir() -> Path:
-    """The prunus cache folder: ``$PRUNUS_CACHE`` if set, else ``~/.cache/prunus``.
-
-    Returns:
-        The folder (not created here).
-
-    Example:
-        >>> os.environ["PRUNUS_CACHE"] = "/tmp/pc"; str(cache_dir())   # doctest: +SKIP
-        '/tmp/pc'
-    """
-    env = os.environ.get("PRUNUS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "prunus"
-
-
 def books_dir() -> Path:
     """``<cache>/books``, where the fetched ``<name>.txt`` files live."""
-    return cache_dir() / "books"
+    return cache_root() / "books"
 
 
 def book_path(name: str) -> Path:

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 
-from prunus.io.books import cache_dir
+from prunus.io.cache import cache_root
 from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]
@@ -236,7 +236,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
 def _load_smollm2(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct: the cached safetensors copy, else the bundled GGUF (then cache it)."""
-    cached = cache_dir() / "models" / name
+    cached = cache_root() / "models" / name
     if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
         return _load_folder(cached, dtype)
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # do not import it: it needs `llm`

@@ -20,12 +20,8 @@ and ``prunus prune --recipe recipes/wanda_2of4.yaml method=sparsegpt method_opti
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
-
-import yaml
 
 from prunus.algorithms import build_options, get_method, get_refiner
 from prunus.budgets import ALLOCATIONS
@@ -135,61 +131,3 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     for k in ("method_options", "refine_options", "allocation_options"):
         d[k] = dict(d.get(k) or {})
     return PruneJob(methods=methods, specs=specs, baselines=bl, **d)
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML without YAML 1.1's base-60 integers, so an unquoted ``2:4`` stays the string "2:4"."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if not (tag.endswith((":int", ":float")) and ":" in rx.pattern.replace("tag:", ""))]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-for _ch in "-+0123456789.":
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), [_ch])
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), [_ch])
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML with :class:`_Loader`."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def parse_value(text: str) -> Any:
-    """A dotted override's value, read as YAML (``3`` -> 3, ``[a, b]`` -> list, ``2:4`` -> str)."""
-    try:
-        return yaml_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(d: dict, dotted: str) -> None:
-    """Apply ``a.b=value`` to a nested mapping in place."""
-    if "=" not in dotted:
-        raise SpecError(f"override {dotted!r} must look like key=value or key.sub=value")
-    key, value = dotted.split("=", 1)
-    parts = key.strip().split(".")
-    cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise SpecError(f"override {dotted!r}: {p} is not a mapping")
-    cur[parts[-1]] = parse_value(value)
-
-
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
-    """Read a YAML recipe and apply dotted overrides; the result feeds :func:`job_from_mapping`."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"recipe {p} does not exist")
-    try:
-        d = yaml_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise SpecError(f"recipe {p} must be a mapping of settings")
-    for o in overrides:
-        apply_override(d, o)
-    return d
