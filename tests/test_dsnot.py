@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunus.algorithms import build_options, get_method, get_refiner
+from prunus.core.options import build_options
+from prunus.algorithms import get_method, get_refiner
 from prunus.algorithms.dsnot import DSnoTOptions, _FullHd, _LazyHd, dsnot, reconstruction_error
 from prunus.errors import SpecError
 from prunus.core.masks import pattern_violations, topk

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunus.algorithms import build_options, get_method
+from prunus.core.options import build_options
+from prunus.algorithms import get_method
 from prunus.algorithms.sparsegpt import SparseGPTOptions, sparsegpt
 from prunus.errors import SpecError
 from prunus.core.masks import n_pruned, pattern_violations, topk

@@ -10,12 +10,11 @@ weights (SparseGPT) register themselves with :func:`method`. A *refiner* (DSnoT)
 and returns a better mask at the same sparsity.
 
 Options are typed: each method or refiner names a frozen dataclass, and
-:func:`build_options` turns a recipe's mapping into it at the edge, rejecting unknown keys.
+:func:`prunus.core.options.build_options` turns a recipe's mapping into it at the edge, rejecting unknown keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -23,16 +22,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 from torch import Tensor
 
+from prunus.core.options import NoOptions, build_options  # noqa: F401  (NoOptions: the default)
 from prunus.errors import SpecError
 from prunus.core.spec import Pattern, Unstructured, NM, Block, Channel
 from prunus.core.stats import STAT_NAMES, LayerStats
 
 ALL_PATTERNS: tuple[type, ...] = (Unstructured, NM, Block, Channel)
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """A method without options."""
 
 
 PruneFn = Callable[[Tensor, LayerStats, float, Pattern, Any, str], "tuple[Tensor, Tensor]"]
@@ -145,19 +140,3 @@ def get_refiner(name: str) -> Refiner:
     if name not in REFINERS:
         raise SpecError(f"unknown refiner {name!r}; registered: {', '.join(sorted(REFINERS))}")
     return REFINERS[name]
-
-
-def build_options(cls: type, values: Mapping[str, Any] | None, owner: str) -> Any:
-    """Turn a recipe mapping into the options dataclass ``cls``; unknown keys are a SpecError."""
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if unknown := set(values) - set(fields):
-        raise SpecError(f"{owner}: unknown option(s) {sorted(unknown)}; known: {sorted(fields) or 'none'}")
-    typed = {}
-    for k, v in values.items():
-        ftype = fields[k].type if isinstance(fields[k].type, type) else eval(str(fields[k].type))
-        try:
-            typed[k] = ftype(v) if ftype in (int, float, bool, str) and not isinstance(v, ftype) else v
-        except (TypeError, ValueError):
-            raise SpecError(f"{owner}: option {k}={v!r} is not a {ftype.__name__}") from None
-    return cls(**typed)

@@ -23,7 +23,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from prunus.algorithms import build_options, get_method, get_refiner
+from prunus.core.options import build_options
+from prunus.algorithms import get_method, get_refiner
 from prunus.budgets import ALLOCATIONS
 from prunus.errors import DataError, SpecError
 from prunus.core.spec import SparsitySpec

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import prunus.budgets as alloc_mod
-from prunus.algorithms import Method, Refiner, build_options, get_method, get_refiner
+from prunus.algorithms import Method, Refiner, get_method, get_refiner
+from prunus.core.options import build_options
 from prunus.oneshot.calibrate import block_index, find_blocks, run_blockwise
 from prunus.errors import DataError, ModelError, SparsityCheckError
 from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of

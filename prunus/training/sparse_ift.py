@@ -73,7 +73,7 @@ def sparse_ift(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *,
         >>> model = build(width=k); opt = ...
         >>> sp = prunus.training.sparse_ift(model, opt, "75%", total_steps=5000)
     """
-    from prunus.algorithms import build_options
+    from prunus.core.options import build_options
     from prunus.training import get
 
     opts = build_options(SparseIFTOptions, options, "training method 'sparse_ift'")

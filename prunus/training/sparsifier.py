@@ -281,7 +281,7 @@ def prepare(model: nn.Module, spec: SparsitySpec | str | float, *, method: str,
             allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
             exclude: Sequence[str] = ()) -> tuple[list[Target], SparsitySpec, Any]:
     """What every factory does first: parse the spec, find targets, type the options."""
-    from prunus.algorithms import build_options  # the one options builder, shared with one-shot
+    from prunus.core.options import build_options  # the one options builder, shared with one-shot
 
     spec = as_spec(spec, allocation)
     check_pattern(method, spec, patterns)

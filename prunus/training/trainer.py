@@ -163,7 +163,7 @@ def prepare(config: TrainConfig, data: Optional[Dataset] = None) -> Prepared:
     if config.method != "dense":
         entry = get_method(config.method)
         spec = SparsitySpec.parse(config.sparsity, config.allocation)
-        from prunus.algorithms import build_options
+        from prunus.core.options import build_options
 
         opts = build_options(entry.options, dict(config.options), f"training method {config.method!r}")
         rounds, dense_backward = entry.rounds(opts), entry.dense_backward
