@@ -29,6 +29,8 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
                    help="after each block is pruned, tune its kept weights for EPOCHS passes over the "
                         "calibration windows towards the dense block's outputs (default off)")
+    p.add_argument("--step", help="block step(s) run on each block after it is pruned, comma-separated "
+                                  "(prunus list); options as steps.NAME.KEY=VALUE")
     p.add_argument("--calib", help="calibration text: a file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
@@ -179,12 +181,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         d["baselines"] = []
     if getattr(args, "reconstruct", None) is not None:
         d["reconstruct"] = {**dict(d.get("reconstruct") or {}), "epochs": args.reconstruct}
+    if args.step:
+        st = d.get("steps") or {}
+        if isinstance(st, list):
+            st = {n: {} for n in st}
+        if isinstance(st, dict):
+            for name in (x.strip() for x in args.step.split(",") if x.strip()):
+                st.setdefault(name, {})
+        d["steps"] = st
     d["progress"] = not args.quiet
     job = job_from_mapping(d)
-    if job.out and os.path.exists(job.out) and not job.overwrite:
-        from prunus.io.fsutil import check_out_dir
-
-        check_out_dir(job.out, job.overwrite)
     result = run_prune(job, log=lambda s: print(s, file=sys.stderr))
     print(prune_table(result["runs"]))
     if job.json:
@@ -224,8 +230,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from prunus import budgets
     from prunus.algorithms import METHODS, REFINERS, load_all
-    from prunus.budgets import ALLOCATIONS
+    from prunus.oneshot import steps
     from prunus.report import table
 
     load_all()
@@ -235,13 +242,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows += [{"kind": "refiner", "name": r.name, "needs": ", ".join(sorted(r.needs)),
               "patterns": ", ".join(p.__name__ for p in r.patterns), "paper": r.paper}
              for r in sorted(REFINERS.values(), key=lambda r: r.name)]
-    from prunus.oneshot.steps.reconstruct import PAPER as RECONSTRUCT_PAPER
-
-    rows += [{"kind": "block step", "name": "--reconstruct N", "needs": "calibration, dense outputs",
-              "patterns": "all", "paper": RECONSTRUCT_PAPER}]
-    rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs_outliers else "-",
-              "patterns": "all but N:M" if a.name != "uniform" else "all", "paper": a.paper}
-             for a in ALLOCATIONS.values()]
+    rows += [{"kind": "block step", "name": st.name, "needs": "calibration, dense outputs", "patterns": "all",
+              "paper": st.paper} for st in sorted(steps.load_all().values(), key=lambda x: x.name)]
+    rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs else "-",
+              "patterns": "all" if a.name == "uniform" else "all but N:M", "paper": a.paper}
+             for a in sorted(budgets.load_all().values(), key=lambda a: a.name)]
     print(table(rows, (("kind", "kind"), ("name", "name"), ("needs", "needs"), ("patterns", "patterns"),
                        ("paper", "paper"))))
     from prunus.training import METHODS as TRAINING
@@ -250,6 +255,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(table([{"name": m.name, "paper": getattr(m, "paper", "")} for m in
                  sorted(TRAINING.values(), key=lambda m: m.name)], (("name", "name"), ("paper", "paper"))))
     print("\nsparsity specs: 0.5 | 50% | N:M (2:4, 4:8, 1:4) | RxC@ratio (4x4@0.5) | channel@ratio")
+    print("block steps: --step NAME (options steps.NAME.KEY=VALUE); --reconstruct N is --step reconstruct "
+          "with N epochs")
     return 0
 
 

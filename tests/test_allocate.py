@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from prunus.budgets import LayerInfo, OWLOptions, allocate, erk_densities, owl_outlier_ratio
+from prunus.budgets import LayerInfo, allocate
+from prunus.budgets.erk import erk_densities
+from prunus.budgets.owl import OWLOptions, owl_block_sparsities, owl_outlier_ratio
 
 
 def _mean(layers, out):
@@ -48,13 +50,20 @@ def test_global_threshold_by_hand():
 
 def test_owl_by_hand():
     # D = [0.1, 0.2, 0.3]: normalised to [0, 0.16], mean-centred: [-0.08, 0, 0.08]
-    layers = [LayerInfo(f"l{i}", (4, 4), block=i, outlier_ratio=d) for i, d in enumerate([0.1, 0.2, 0.3])]
-    out = allocate(layers, 0.5, "owl", OWLOptions(lam=0.08))
-    assert out["l0"] == pytest.approx(0.58) and out["l1"] == pytest.approx(0.5) and out["l2"] == pytest.approx(0.42)
-    assert _mean(layers, out) == pytest.approx(0.5)
+    out = owl_block_sparsities([0.1, 0.2, 0.3], [16, 16, 16], 0.5, lam=0.08)
+    assert out == pytest.approx([0.58, 0.5, 0.42])
     # equal outliers: uniform
-    layers = [LayerInfo(f"l{i}", (4, 4), block=i, outlier_ratio=0.2) for i in range(3)]
-    assert all(v == pytest.approx(0.7) for v in allocate(layers, 0.7, "owl").values())
+    assert owl_block_sparsities([0.2] * 3, [16] * 3, 0.7, lam=0.08) == pytest.approx([0.7] * 3)
+
+
+def test_owl_from_observed_scores():
+    # block 0: one outlier in 10 scores (ratio 0.1); block 1: none (ratio 0); lam 0.08 -> 0.42 / 0.58
+    outlier = torch.tensor([1.0] * 9 + [91.0]).reshape(2, 5)
+    flat = torch.ones(2, 5)
+    layers = [LayerInfo("a", (2, 5), block=0, observed=outlier), LayerInfo("b", (2, 5), block=1, observed=flat)]
+    out = allocate(layers, 0.5, "owl", OWLOptions(lam=0.08, m=5.0))
+    assert out == pytest.approx({"a": 0.42, "b": 0.58})
+    assert _mean(layers, out) == pytest.approx(0.5)
 
 
 def test_owl_outlier_ratio():

@@ -115,7 +115,7 @@ def _layer(mod: str) -> str:
     return ".".join(parts[:2])
 
 
-@pytest.mark.parametrize("layer", [pytest.param(l, marks=pytest.mark.xfail(strict=True)) if l == "prunus.core" else l for l in sorted(LAYERS)])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_layers_import_only_what_they_may(layer):
     bad = sorted((m, t) for m, ts in import_graph().items() if _layer(m) == layer
                  for t in ts if _layer(t) != layer and _layer(t) not in LAYERS[layer])

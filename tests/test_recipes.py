@@ -20,4 +20,6 @@ def test_override_changes_typed_job():
     job = job_from_mapping(load_recipe(Path(__file__).parent.parent / "recipes/sparsegpt_2of4.yaml", ["nsamples=8", "sparsity=4:8",
                                                                     "method_options.blocksize=64"]))
     assert job.methods == ("sparsegpt",) and job.nsamples == 8 and str(job.specs[0]) == "4:8"
-    assert job.method_options == {"blocksize": 64, "percdamp": 0.01}
+    opts = job.options_of("sparsegpt")
+    assert (opts.blocksize, opts.percdamp) == (64, 0.01)  # typed: the dataclass, not a mapping
+    assert type(opts).__name__ == "SparseGPTOptions"

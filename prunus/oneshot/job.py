@@ -14,28 +14,36 @@ A recipe (``recipes/wanda_2of4.yaml``)::
     nsamples: 32
     seqlen: 512
 
+    steps: {reconstruct: {epochs: 4}}   # block steps run on each block after it is pruned
+
 and ``prunus prune --recipe recipes/wanda_2of4.yaml method=sparsegpt method_options.blocksize=64``.
+``reconstruct: {epochs: 4}`` (and ``--reconstruct 4``) is shorthand for the block step ``reconstruct``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
-from prunus.core.options import build_options
-from prunus.algorithms import get_method, get_refiner
-from prunus.budgets import ALLOCATIONS
-from prunus.errors import DataError, SpecError
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
+from prunus.errors import DataError, SpecError
+from prunus.oneshot.plan import make_plan, make_steps
+from prunus.oneshot.steps import StepRun
 
 BASELINES = ("dense", "magnitude", "random")
+FORMATS = ("compressed", "dense")
 
 
 @dataclass(frozen=True)
 class PruneJob:
-    """Everything ``prunus prune`` does, typed. Lists of methods and specs form a grid."""
+    """Everything ``prunus prune`` does, typed. Lists of methods and specs form a grid.
+
+    ``method_options`` pairs each method with its options dataclass; ``refine_options`` and
+    ``allocation_options`` are the refiner's and budget's dataclasses (None: defaults); ``steps`` are
+    the block steps of every method run (not of the baselines).
+    """
 
     model: str
     methods: tuple[str, ...]
@@ -53,10 +61,10 @@ class PruneJob:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     baselines: tuple[str, ...] = BASELINES
-    method_options: Mapping[str, Any] = field(default_factory=dict)
-    refine_options: Mapping[str, Any] = field(default_factory=dict)
-    allocation_options: Mapping[str, Any] = field(default_factory=dict)
-    reconstruct: Mapping[str, Any] = field(default_factory=dict)  # ReconstructOptions; empty: off
+    method_options: tuple[tuple[str, Any], ...] = ()
+    refine_options: Any = None
+    allocation_options: Any = None
+    steps: tuple[StepRun, ...] = ()
     out: Optional[str] = None
     format: str = "compressed"
     overwrite: bool = False
@@ -64,8 +72,13 @@ class PruneJob:
     plot: Optional[str] = None
     progress: bool = True
 
+    def options_of(self, method: str) -> Any:
+        """The options dataclass of ``method`` in this job (None: its defaults)."""
+        return dict(self.method_options).get(method)
+
 
 _INT_FIELDS = {"nsamples", "seqlen", "windows", "eval_batch_size", "calib_batch_size", "seed"}
+_MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps")
 
 
 def _as_list(v: Any) -> list:
@@ -76,12 +89,35 @@ def _as_list(v: Any) -> list:
     return [s.strip() for s in str(v).split(",") if s.strip()]
 
 
+def _steps(d: dict) -> tuple[StepRun, ...]:
+    """``reconstruct: {...}`` then ``steps: {name: {options}}`` (or a list of names), typed."""
+    items: list[Any] = []
+    rec = d.pop("reconstruct", None)
+    if rec:
+        if not isinstance(rec, Mapping):
+            raise SpecError("reconstruct must be a mapping of options, e.g. {epochs: 4, lr: 1.0e-4}")
+        items.append(("reconstruct", rec))
+    st = d.pop("steps", None) or {}
+    if isinstance(st, (list, tuple)) and all(isinstance(x, str) for x in st):
+        st = {x: {} for x in st}
+    if not isinstance(st, Mapping):
+        raise SpecError("steps must map block-step names to their options, e.g. {reconstruct: {epochs: 4}}")
+    for name, values in st.items():
+        if values is not None and not isinstance(values, Mapping):
+            raise SpecError(f"steps.{name} must be a mapping of options, got {values!r}")
+        items.append((str(name), values))
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise SpecError(f"block step(s) given twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return make_steps(items)
+
+
 def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     """Validate a flat mapping (recipe + overrides + flags) into a :class:`PruneJob`."""
     d = dict(d)
-    known = {f.name for f in dataclasses.fields(PruneJob)} | {"method", "sparsity", "allocation"}
+    known = {f.name for f in dataclasses.fields(PruneJob)} | {"method", "sparsity", "allocation", "reconstruct"}
     if unknown := set(d) - known:
-        raise SpecError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise SpecError(f"unknown setting(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
     if not d.get("model"):
         raise SpecError("no model given: pass MODEL (a hub id, folder, .gguf file or smollm2-135m)")
     methods = tuple(_as_list(d.pop("method", None) or d.pop("methods", None) or "wanda"))
@@ -91,21 +127,18 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     allocation = str(d.pop("allocation", None) or "uniform")
     items = sp if isinstance(sp, (list, tuple)) else _as_list(sp) if isinstance(sp, str) else [sp]
     specs = tuple(SparsitySpec.parse(s, allocation) for s in items)
+    for k in _MAPPINGS[:3]:
+        if d.get(k) is not None and not isinstance(d[k], Mapping):
+            raise SpecError(f"{k} must be a mapping of option: value, got {d[k]!r}")
+    steps = _steps(d)
+    method_options, refine_options, allocation_options = [], None, None
     for m in methods:
-        meth = get_method(m)
-        build_options(meth.options, d.get("method_options"), f"method {m}")
-        for s in specs:
-            meth.check_pattern(s.pattern)
-    if d.get("refine"):
-        r = get_refiner(str(d["refine"]))
-        build_options(r.options, d.get("refine_options"), f"refiner {r.name}")
-    build_options(ALLOCATIONS[allocation].options, d.get("allocation_options"), f"allocation {allocation}")
-    if d.get("reconstruct"):
-        from prunus.oneshot.steps.reconstruct import ReconstructOptions
-
-        if not isinstance(d["reconstruct"], Mapping):
-            raise SpecError("reconstruct must be a mapping of options, e.g. {epochs: 4, lr: 1.0e-4}")
-        build_options(ReconstructOptions, d["reconstruct"], "reconstruct")
+        for s in specs:  # every run of the grid resolves now, so a bad option fails before loading
+            plan = make_plan(s, m, refine=d.get("refine"), method_options=d.get("method_options"),
+                             refine_options=d.get("refine_options"),
+                             allocation_options=d.get("allocation_options"), steps=steps)
+        method_options.append((plan.method.name, plan.method_options))
+        refine_options, allocation_options = plan.refine_options, plan.allocation_options
     for k in _INT_FIELDS:
         if d.get(k) is not None:
             try:
@@ -122,13 +155,14 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     if bad := set(bl) - set(BASELINES):
         raise SpecError(f"unknown baseline(s) {sorted(bad)}; choose from {', '.join(BASELINES)}")
     fmt = d.get("format", "compressed")
-    if fmt not in ("compressed", "dense"):
-        raise SpecError(f"unknown format {fmt!r}; choose compressed or dense")
+    if fmt not in FORMATS:
+        raise SpecError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
     if d.get("out") and (len(methods) > 1 or len(specs) > 1):
         raise SpecError("--out saves one model: give a single --method and --sparsity")
     for k in ("include", "exclude"):
         if k in d:
             d[k] = tuple(_as_list(d[k]))
-    for k in ("method_options", "refine_options", "allocation_options"):
-        d[k] = dict(d.get(k) or {})
-    return PruneJob(methods=methods, specs=specs, baselines=bl, **d)
+    for k in _MAPPINGS[:3]:
+        d.pop(k, None)
+    return PruneJob(methods=methods, specs=specs, baselines=bl, method_options=tuple(method_options),
+                    refine_options=refine_options, allocation_options=allocation_options, steps=steps, **d)

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import prunus.budgets as alloc_mod
-from prunus.algorithms import Method, Refiner, get_method, get_refiner
-from prunus.core.options import build_options
+from prunus import budgets
 from prunus.oneshot.calibrate import block_index, find_blocks, run_blockwise
+from prunus.oneshot.plan import PrunePlan, make_plan
+from prunus.oneshot.steps import BlockContext
 from prunus.errors import DataError, ModelError, SparsityCheckError
 from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
-from prunus.core.spec import NM, SparsitySpec
+from prunus.core.spec import Block, Channel, SparsitySpec
 from prunus.core.stats import LayerStats, weight_only_stats
 from prunus.core.targets import DEFAULT_EXCLUDE, Target, select
 
@@ -62,6 +62,7 @@ class PruneResult:
     sparsity: float
     seconds: float
     budgets: dict[str, float] = field(default_factory=dict)
+    label: str = ""
 
     def per_layer(self) -> dict[str, dict[str, Any]]:
         return {l.name: {"shape": list(l.shape), "target": round(l.target, 6),
@@ -79,37 +80,31 @@ def check_weights_finite(targets: Sequence[Target]) -> None:
 
 
 def _layer_infos(targets: Sequence[Target], prefix: Optional[str], weights: bool,
-                 outliers: Optional[dict[str, float]] = None) -> list[alloc_mod.LayerInfo]:
+                 observed: Optional[dict[str, Any]] = None) -> list[budgets.LayerInfo]:
     out = []
     for t in targets:
         b = block_index(prefix, t.name) if prefix else None
-        out.append(alloc_mod.LayerInfo(t.name, t.shape, t.get() if weights else None, b,
-                                       None if outliers is None else outliers.get(str(b))))
+        out.append(budgets.LayerInfo(t.name, t.shape, t.get() if weights else None, b,
+                                     None if observed is None else observed.get(t.name)))
     return out
 
 
-def owl_outliers(model: nn.Module, targets: Sequence[Target], calib: Tensor, m: float, *,
-                 device: str, batch_size: Optional[int], seed: int, progress: bool) -> dict[str, float]:
-    """OWL's statistics pass on the dense model: per block, the share of Wanda scores above m * mean."""
-    from prunus.budgets import owl_outlier_ratio
-    from prunus.criteria import get as get_criterion
-
-    wanda = get_criterion("wanda")
-    prefix, _ = find_blocks(model)
-    scores: dict[str, list[Tensor]] = {}
+def observe_dense(model: nn.Module, targets: Sequence[Target], calib: Tensor, plan: PrunePlan, *,
+                  device: str, batch_size: Optional[int], seed: int, progress: bool) -> dict[str, Any]:
+    """A budget's statistics pass on the dense model: each layer's ``observe(weight, stats, options)``."""
+    alloc, opts = plan.allocation, plan.allocation_options
+    observed: dict[str, Any] = {}
 
     def record(t: Target, stats: LayerStats) -> None:
-        scores.setdefault(str(block_index(prefix, t.name)), []).append(wanda(t.get(), stats))
+        observed[t.name] = alloc.observe(t.get(), stats, opts)
 
-    run_blockwise(model, calib, targets, frozenset({"input_sq_norm"}), record, device=device,
-                  batch_size=batch_size, seed=seed, progress=progress, desc="owl stats")
-    return {b: owl_outlier_ratio(s, m) for b, s in scores.items()}
+    run_blockwise(model, calib, targets, alloc.needs, record, device=device, batch_size=batch_size,
+                  seed=seed, progress=progress, desc=f"{alloc.name} stats")
+    return observed
 
 
 def _rounding_tolerance(spec: SparsitySpec, shape: tuple[int, int]) -> float:
     """How far a layer's mask may sit from its budget by rounding alone: one unit per row."""
-    from prunus.core.spec import Block, Channel
-
     out_f, in_f = shape
     if isinstance(spec.pattern, Block):
         return spec.pattern.cols / in_f + 1e-9
@@ -147,14 +142,14 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
           exclude: Sequence[str] = DEFAULT_EXCLUDE, method_options: Any = None,
           refine_options: Any = None, allocation_options: Any = None, device: str = "cpu",
           batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
-          reconstruct: Any = None) -> PruneResult:
+          reconstruct: Any = None, steps: Sequence[Any] = ()) -> PruneResult:
     """Prune ``model`` in place to ``spec`` with ``method``; return masks and a per-layer report.
 
     Args:
         model: a PyTorch model; calibrated methods need a decoder-only transformer.
         spec: pattern, sparsity and layer budget.
         method: a registered method name (``prunus list``): magnitude, random, wanda, sparsegpt, ...
-        calib: (n, seqlen) token ids for methods, refiners or allocations that need statistics.
+        calib: (n, seqlen) token ids for methods, refiners, budgets or steps that need statistics.
         refine: optional refiner name (``dsnot``) applied to every layer after the method.
         include, exclude: FQN globs choosing the layers.
         method_options, refine_options, allocation_options: the option dataclasses (or mappings)
@@ -163,8 +158,10 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         batch_size: calibration windows per chunk; None processes all at once (one forward per block).
         seed: seeds random criteria and nothing else (calibration windows are chosen by the caller).
         progress: progress bars.
-        reconstruct: :class:`~prunus.oneshot.steps.reconstruct.ReconstructOptions` (or a mapping of them) to tune
-            each pruned block's kept weights towards the dense block's outputs; None: off.
+        reconstruct: :class:`~prunus.oneshot.steps.reconstruct.ReconstructOptions` (or a mapping of
+            them): shorthand for the block step ``reconstruct``; None: off.
+        steps: block steps run on each block after it is pruned: names, ``(name, options)`` pairs
+            (options a mapping or the step's dataclass), in order (``prunus list`` shows them).
 
     Returns:
         A :class:`PruneResult`; the model's weights are pruned in place.
@@ -173,65 +170,56 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
         SpecError, ModelError, DataError: bad input, before the model is modified.
         SparsityCheckError: the achieved sparsity does not meet the spec (after pruning).
     """
-    t0 = time.perf_counter()
-    meth: Method = get_method(method)
-    meth.check_pattern(spec.pattern)
-    ref: Optional[Refiner] = get_refiner(refine) if refine else None
-    if ref is not None and not isinstance(spec.pattern, ref.patterns):
-        raise DataError(f"refiner {ref.name!r} does not support {spec.pattern}")
-    allocation = alloc_mod.ALLOCATIONS[spec.allocation]
-    m_opts = method_options if not isinstance(method_options, (dict, type(None))) else \
-        build_options(meth.options, method_options, f"method {meth.name}")
-    r_opts = None if ref is None else (refine_options if not isinstance(refine_options, (dict, type(None)))
-                                       else build_options(ref.options, refine_options, f"refiner {ref.name}"))
-    a_opts = allocation_options if not isinstance(allocation_options, (dict, type(None))) else \
-        build_options(allocation.options, allocation_options, f"allocation {allocation.name}")
+    all_steps = ([("reconstruct", reconstruct)] if reconstruct is not None else []) + list(steps)
+    plan = make_plan(spec, method, refine=refine, method_options=method_options,
+                     refine_options=refine_options, allocation_options=allocation_options, steps=all_steps)
+    return prune_targets(model, select(model, include, exclude), plan, calib, device=device,
+                         batch_size=batch_size, seed=seed, progress=progress)
 
-    targets = select(model, include, exclude)
+
+def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, calib: Optional[Tensor], *,
+                  device: str = "cpu", batch_size: Optional[int] = None, seed: int = 0,
+                  progress: bool = True) -> PruneResult:
+    """Prune the given targets of ``model`` in place by a resolved :class:`PrunePlan`."""
+    t0 = time.perf_counter()
+    spec, meth, ref = plan.spec, plan.method, plan.refiner
     for t in targets:
         check_divisible(t.shape, spec.pattern, t.name)
     check_weights_finite(targets)
-    needs = meth.needs | (ref.needs if ref else frozenset())
-    from prunus.oneshot.steps.reconstruct import ReconstructOptions, reconstruct_block
-
-    rec = reconstruct if not isinstance(reconstruct, dict) else \
-        build_options(ReconstructOptions, reconstruct, "reconstruct")
-    if rec is not None and rec.epochs == 0:
-        rec = None
-    if (needs or allocation.needs_outliers or rec is not None) and calib is None:
-        what = meth.name if meth.needs else (ref.name if ref and ref.needs else
-                                             spec.allocation if allocation.needs_outliers else "reconstruct")
-        raise DataError(f"{what} needs calibration data (calib token windows)")
+    if plan.calibrated and calib is None:
+        raise DataError(f"{plan.needs_calibration_by()} needs calibration data (calib token windows)")
     if calib is not None and calib.ndim != 2:
         raise DataError(f"calibration windows must be (n, seqlen), got shape {tuple(calib.shape)}")
 
     # per-layer budgets
-    prefix = find_blocks(model)[0] if (needs or allocation.needs_outliers or rec is not None) else None
-    outliers = None
-    if allocation.needs_outliers:
-        prefix = find_blocks(model)[0]
-        outliers = owl_outliers(model, targets, calib, a_opts.m, device=device,
-                                batch_size=batch_size, seed=seed, progress=progress)
-    budgets = alloc_mod.allocate(_layer_infos(targets, prefix, spec.allocation == "global", outliers),
-                                 spec.sparsity, spec.allocation, a_opts)
+    prefix = find_blocks(model)[0] if plan.calibrated else None
+    observed = None
+    if plan.allocation.needs:
+        observed = observe_dense(model, targets, calib, plan, device=device, batch_size=batch_size,
+                                 seed=seed, progress=progress)
+    budget = budgets.allocate(_layer_infos(targets, prefix, plan.allocation.reads_weights, observed),
+                              spec.sparsity, spec.allocation, plan.allocation_options)
+    del observed
 
     masks: dict[str, Tensor] = {}
 
     def prune_layer(t: Target, stats: LayerStats) -> None:
         w = t.get().float()  # (out, in)
-        new_w, keep = meth.prune(w, stats, budgets[t.name], spec.pattern, m_opts, t.name)
+        new_w, keep = meth.prune(w, stats, budget[t.name], spec.pattern, plan.method_options, t.name)
         if ref is not None:
-            new_w, keep = ref.refine(w, new_w, keep, stats, spec.pattern, r_opts, t.name)
+            new_w, keep = ref.refine(w, new_w, keep, stats, spec.pattern, plan.refine_options, t.name)
         t.set((new_w * keep).to(t.get().dtype))
         masks[t.name] = keep.bool().cpu()
 
     after = None
-    if rec is not None:
+    if plan.steps:
         def after(i, block, mine, inputs, wanted):  # noqa: ANN001
-            reconstruct_block(block, mine, masks, inputs, wanted, rec)
+            ctx = BlockContext(i, block, mine, masks, inputs, wanted)
+            for s in plan.steps:
+                s.step.run(ctx, s.options)
 
-    if needs or rec is not None:
-        run_blockwise(model, calib, targets, needs, prune_layer, device=device, batch_size=batch_size,
+    if plan.needs or plan.steps:
+        run_blockwise(model, calib, targets, plan.needs, prune_layer, device=device, batch_size=batch_size,
                       seed=seed, progress=progress, desc=f"{meth.name} {spec}", after_block=after)
     else:
         with torch.no_grad():
@@ -239,8 +227,8 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
                           leave=False):
                 prune_layer(t, weight_only_stats(t.name, seed))
 
-    layers = [LayerReport(t.name, t.shape, budgets[t.name], sparsity_of(t.get()),
+    layers = [LayerReport(t.name, t.shape, budget[t.name], sparsity_of(t.get()),
                           pattern_violations(t.get(), spec.pattern)) for t in targets]
-    achieved = _check(layers, spec, masks, budgets)
+    achieved = _check(layers, spec, masks, budget)
     return PruneResult(spec, meth.name, ref.name if ref else None, masks, layers, achieved,
-                       time.perf_counter() - t0, budgets)
+                       time.perf_counter() - t0, budget, label=plan.label)

@@ -8,6 +8,7 @@ model plus one copy of its prunable weights.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import time
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from prunus import __version__
 from prunus.oneshot.job import PruneJob
 from prunus.evaluate import peak_rss_mb, perplexity
-from prunus.oneshot.pipeline import PruneResult, prune
+from prunus.oneshot.pipeline import PruneResult, prune_targets
+from prunus.oneshot.plan import make_plan
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import select
 
@@ -63,7 +65,7 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     from prunus.io import fsutil
     from prunus.io.models import load_model
 
-    if job.out:
+    if job.out:  # the one check before work; export.save checks again at write time
         fsutil.check_out_dir(job.out, job.overwrite)
     t0 = time.perf_counter()
     model, tokenizer = load_model(job.model)
@@ -108,14 +110,15 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                  if b in job.baselines and b not in job.methods]
         for name, role in runs:
             restore()
-            refine = job.refine if role == "method" else None
-            recon = dict(job.reconstruct) if role == "method" and job.reconstruct else None
-            res = prune(model, spec, name, calib, refine=refine, include=job.include, reconstruct=recon,
-                        exclude=job.exclude, method_options=job.method_options if role == "method" else None,
-                        refine_options=job.refine_options, allocation_options=job.allocation_options,
-                        device=job.device, batch_size=job.calib_batch_size, seed=job.seed,
-                        progress=job.progress)
-            label = name + (f"+{refine}" if refine else "") + ("+recon" if recon and recon.get("epochs", 1) else "")
+            if role == "method":
+                plan = make_plan(spec, name, refine=job.refine, method_options=job.options_of(name),
+                                 refine_options=job.refine_options,
+                                 allocation_options=job.allocation_options, steps=job.steps)
+            else:
+                plan = make_plan(spec, name, allocation_options=job.allocation_options)
+            res = prune_targets(model, targets, plan, calib, device=job.device,
+                                batch_size=job.calib_batch_size, seed=job.seed, progress=job.progress)
+            label = plan.label
             p, s = ppl(f"{label} {spec} ppl")
             rows.append(_row(label, role, spec, res, p, s))
             log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
@@ -137,13 +140,18 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
 def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optional[float]) -> dict[str, Any]:
     """Metadata stored with a checkpoint: how it was made, and how good it was."""
     return {"prunus_version": __version__, "source_model": job.model, "method": res.method,
-            "refine": res.refine, "reconstruct": dict(job.reconstruct) or None,
+            "refine": res.refine, "reconstruct": _step_options(job, "reconstruct"),
+            "steps": {s.name: dataclasses.asdict(s.options) for s in job.steps} or None,
             "spec": str(spec), "pattern": str(spec.pattern),
             "sparsity_target": spec.sparsity, "allocation": spec.allocation,
             "achieved_sparsity": res.sparsity, "calib": job.calib, "nsamples": job.nsamples,
             "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()}}
+
+
+def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:
+    return next((dataclasses.asdict(s.options) for s in job.steps if s.name == name), None)
 
 
 def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:

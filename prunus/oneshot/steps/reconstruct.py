@@ -15,8 +15,8 @@ the only data: nothing beyond the one-shot method's calibration budget.
 This is the block-wise objective of EBFT (Guo et al. 2024, "EBFT: Effective and Block-Wise
 Fine-Tuning for Sparse LLMs") and of the regional optimisation of Wanda++ (Yang et al. 2025,
 "Wanda++: Pruning Large Language Models via Regional Gradients"). It runs inside the one
-calibration loop (:func:`prunus.oneshot.calibrate.run_blockwise`, ``after_block``), which keeps the dense
-stream of hidden states it needs. Cost: ``epochs`` forward-and-backward passes over the
+calibration loop as the block step ``reconstruct`` (``--reconstruct EPOCHS`` or ``--step reconstruct``),
+and the loop keeps the dense stream of hidden states it needs. Cost: ``epochs`` forward-and-backward passes over the
 calibration windows per block, about 3-4x a forward each.
 """
 
@@ -28,9 +28,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from prunus.oneshot.calibrate import map_tensors
-from prunus.errors import SpecError
 from prunus.core.targets import Target
+from prunus.errors import SpecError
+from prunus.oneshot.calibrate import map_tensors
+from prunus.oneshot.steps import BlockContext, block_step
 
 
 PAPER = ("Guo et al. 2024, EBFT: Effective and Block-Wise Fine-Tuning for Sparse LLMs; Yang et al. 2025, "
@@ -143,3 +144,10 @@ def reconstruct_block(block: nn.Module, targets: Sequence[Target], masks: Mappin
             for q in frozen:
                 q.requires_grad_(True)
     return first, last
+
+
+@block_step("reconstruct", options=ReconstructOptions, paper=PAPER, label="+recon",
+            active=lambda o: o.epochs > 0)
+def reconstruct(ctx: BlockContext, options: ReconstructOptions) -> None:
+    """The block step: tune the whole block's kept weights towards the dense block's outputs."""
+    reconstruct_block(ctx.block, ctx.targets, ctx.masks, ctx.inputs, ctx.wanted, options)
