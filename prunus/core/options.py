@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -36,12 +37,13 @@ def build_options(cls: type, values: Any, owner: str) -> Any:
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if unknown := set(values) - set(fields):
-        raise SpecError(f"{owner}: unknown option(s) {sorted(unknown)}; known: {sorted(fields) or 'none'}")
+        raise SpecError(f"{owner}: unknown option(s) {sorted(map(str, unknown))}; known: {sorted(fields) or 'none'}")
+    hints = typing.get_type_hints(cls)  # resolves string annotations (from __future__ import annotations)
     typed = {}
     for k, v in values.items():
-        ftype = fields[k].type if isinstance(fields[k].type, type) else eval(str(fields[k].type))
+        ftype = hints.get(k, object)
         try:
             typed[k] = ftype(v) if ftype in (int, float, bool, str) and not isinstance(v, ftype) else v
         except (TypeError, ValueError):
-            raise SpecError(f"{owner}: option {k}={v!r} is not a {ftype.__name__}") from None
+            raise SpecError(f"{owner}: option {k}={v!r} is not a {getattr(ftype, '__name__', ftype)}") from None
     return cls(**typed)
