@@ -23,12 +23,14 @@ and ``prunus prune --recipe recipes/wanda_2of4.yaml method=sparsegpt method_opti
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from prunus.core.options import check, coerce, option
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
-from prunus.errors import DataError, SpecError
+from prunus.errors import SpecError
 from prunus.oneshot.plan import make_plan, make_steps
 from prunus.oneshot.steps import StepRun
 
@@ -51,12 +53,12 @@ class PruneJob:
     calib: Optional[str] = None
     eval: Optional[str] = None
     refine: Optional[str] = None
-    nsamples: int = 32
-    seqlen: int = 512
-    windows: Optional[int] = 64
-    eval_batch_size: int = 1
-    calib_batch_size: Optional[int] = None
-    seed: int = 0
+    nsamples: int = option(32, min=1)
+    seqlen: int = option(512, min=2)
+    windows: Optional[int] = option(64, min=1)
+    eval_batch_size: int = option(1, min=1)
+    calib_batch_size: Optional[int] = option(None, min=1)
+    seed: int = option(0, min=0)
     device: str = "cpu"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -71,6 +73,9 @@ class PruneJob:
     json: Optional[str] = None
     plot: Optional[str] = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self, "")
 
     def options_of(self, method: str) -> Any:
         """The options dataclass of ``method`` in this job (None: its defaults)."""
@@ -120,12 +125,18 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         raise SpecError(f"unknown setting(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
     if not d.get("model"):
         raise SpecError("no model given: pass MODEL (a hub id, folder, .gguf file or smollm2-135m)")
-    methods = tuple(_as_list(d.pop("method", None) or d.pop("methods", None) or "wanda"))
+    given = d.pop("method", d.pop("methods", None))
+    methods = tuple(_as_list("wanda" if given is None else given))
+    if not methods or not all(isinstance(m, str) for m in methods):
+        raise SpecError(f"--method needs one or more method names (prunus list), got {given!r}")
     sp = d.pop("sparsity", None)
     if sp is None:
         raise SpecError("no sparsity given: pass --sparsity (0.5, 50%, 2:4, 4x4@0.5, channel@0.3)")
-    allocation = str(d.pop("allocation", None) or "uniform")
+    allocation = d.pop("allocation", None)
+    allocation = "uniform" if allocation is None else coerce(allocation, str, "allocation")
     items = sp if isinstance(sp, (list, tuple)) else _as_list(sp) if isinstance(sp, str) else [sp]
+    if not items:
+        raise SpecError(f"--sparsity needs one or more specs (0.5, 50%, 2:4, ...), got {sp!r}")
     specs = tuple(SparsitySpec.parse(s, allocation) for s in items)
     for k in _MAPPINGS[:3]:
         if d.get(k) is not None and not isinstance(d[k], Mapping):
@@ -139,18 +150,13 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
                              allocation_options=d.get("allocation_options"), steps=steps)
         method_options.append((plan.method.name, plan.method_options))
         refine_options, allocation_options = plan.refine_options, plan.allocation_options
-    for k in _INT_FIELDS:
-        if d.get(k) is not None:
-            try:
-                d[k] = int(d[k])
-            except (TypeError, ValueError):
-                raise SpecError(f"{k} must be an integer, got {d[k]!r}") from None
-    if d.get("nsamples", 1) is not None and int(d.get("nsamples", 1)) < 1:
-        raise DataError("--nsamples must be at least 1")
-    if int(d.get("seqlen", 512)) < 2:
-        raise DataError("--seqlen must be at least 2")
-    if d.get("windows") is not None and int(d["windows"]) < 1:
-        raise DataError("--windows must be at least 1")
+    hints = typing.get_type_hints(PruneJob)
+    for k in _INT_FIELDS | {"out", "json", "plot", "calib", "eval", "refine", "device", "format", "model"}:
+        if k in d:
+            d[k] = coerce(d[k], hints[k], k)
+    for k in ("out", "json", "plot"):
+        if d.get(k) is not None and not str(d[k]).strip():
+            raise SpecError(f"--{k} needs a path, got an empty string")
     bl = tuple(_as_list(d.pop("baselines", BASELINES)))
     if bad := set(bl) - set(BASELINES):
         raise SpecError(f"unknown baseline(s) {sorted(bad)}; choose from {', '.join(BASELINES)}")

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from prunus.core.options import check, option
 from prunus.core.targets import Target
 from prunus.errors import SpecError
 from prunus.oneshot.calibrate import map_tensors
@@ -50,14 +51,13 @@ class ReconstructOptions:
         seed: order of the windows.
     """
 
-    epochs: int = 4
-    lr: float = 1e-3
-    batch_size: int = 4
-    seed: int = 0
+    epochs: int = option(4, min=0)
+    lr: float = option(1e-3, gt=0)
+    batch_size: int = option(4, min=1)
+    seed: int = option(0, min=0)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
-            raise SpecError("reconstruction needs epochs >= 0, lr > 0 and batch_size >= 1")
+        check(self, "reconstruct")
 
 
 def _grad_ready(obj: Any) -> Any:
