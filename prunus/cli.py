@@ -82,6 +82,15 @@ def _add_runtime(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _at_least(**checks: tuple[Optional[int], int]) -> None:
+    """``--name`` must be at least its bound (None: not given, fine)."""
+    from prunus.errors import SpecError
+
+    for name, (value, lo) in checks.items():
+        if value is not None and value < lo:
+            raise SpecError(f"--{name.replace('_', '-')} must be at least {lo}, got {value}")
+
+
 def _tokens(text: str) -> list[int]:
     from prunus.errors import SpecError
 
@@ -133,8 +142,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with prunus's error format: one line ``prunus: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"prunus: error: {self.prog.removeprefix('prunus').strip() + ': ' if self.prog != 'prunus' else ''}"
+              f"{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunus", description="Make neural networks sparse, "
+    parser = _Parser(prog="prunus", description="Make neural networks sparse, "
                                      "measure it honestly, and make the sparsity pay.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -210,6 +228,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prunus.io.models import load_model
     from prunus.oneshot.runner import write_json
 
+    _at_least(seqlen=(args.seqlen, 2), windows=(args.windows, 1), batch_size=(args.batch_size, 1))
+    if args.json:
+        from prunus.io.fsutil import check_out_file
+
+        check_out_file(args.json)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     ids = data.tokenize(data.resolve_text(args.text), tok)
@@ -272,7 +295,10 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list, "train": cmd
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else 2
     if not args.command:
         parser.print_help()
         return 2

@@ -42,8 +42,44 @@ def _exists_message(path: Path) -> str:
 
 
 def _hidden_sibling(path: Path, tag: str, suffix: str = "") -> Path:
-    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<random><suffix>``."""
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}{suffix}"
+    """A fresh hidden name beside ``path``: ``.<name>.<tag>-<pid>-<random><suffix>``.
+
+    The writer's process id in the name lets a later write to the same destination tell the
+    leftovers of a killed process (``kill -9`` mid-save) from the work of a live one.
+    """
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by dead processes; return what was removed.
+
+    Only names this module makes (``.<name>.tmp-<pid>-<hex>`` and ``.<name>.old-<pid>-<hex>``) whose
+    process no longer exists are touched; a live writer's temporary is left alone.
+    """
+    p = Path(path).expanduser().absolute()
+    removed: list[Path] = []
+    if not p.parent.is_dir():
+        return removed
+    prefix = f".{p.name}."
+    for q in p.parent.iterdir():
+        if not q.name.startswith(prefix):
+            continue
+        tag, _, rest = q.name[len(prefix):].partition("-")
+        pid = rest.split("-", 1)[0]
+        if tag in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(q)
+            removed.append(q)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,6 +155,27 @@ def check_out_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path
         raise PrunusError(f"cannot create {p}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PrunusError(f"cannot write to {parent}: permission denied; choose another output path")
+    probe = _hidden_sibling(parent / "probe", "tmp")  # root passes os.access; a real write tells
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PrunusError(f"cannot write to {parent}: {e.strerror or e}; choose another output path") from None
+    return p
+
+
+def check_out_file(path: str | os.PathLike[str]) -> Path:
+    """Fail early if the result file ``path`` (``--json``, ``--plot``) cannot be written later.
+
+    An existing file may be replaced (result files are rewritten); a folder, an empty path or an
+    unwritable parent is an error now, before any work.
+    """
+    if not str(path).strip():
+        raise PrunusError("an output file path is empty")
+    p = check_out_dir(path, overwrite=True)
+    if p.is_dir():
+        raise PrunusError(f"{p} is a folder; give a file name")
     return p
 
 
@@ -188,6 +245,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     """
     p = check_out_dir(path, overwrite)
     created = _make_parents(p.parent)
+    remove_stale(p)
     tmp = _hidden_sibling(p, "tmp")
     try:
         tmp.mkdir()
@@ -230,6 +288,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     if p.is_dir():
         raise PrunusError(f"{p} is a folder; give a file name")
     created = _make_parents(p.parent)
+    remove_stale(p)
     tmp = _hidden_sibling(p, "tmp", p.suffix)
     try:
         yield tmp

@@ -65,8 +65,12 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     from prunus.io import fsutil
     from prunus.io.models import load_model
 
-    if job.out:  # the one check before work; export.save checks again at write time
+    # every output path is checked before any work; the writers check again at write time
+    if job.out:
         fsutil.check_out_dir(job.out, job.overwrite)
+    for path in (job.json, job.plot):
+        if path:
+            fsutil.check_out_file(path)
     t0 = time.perf_counter()
     model, tokenizer = load_model(job.model)
     log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
