@@ -54,6 +54,7 @@ def test_v2_stored_kernel_plan_is_applied():
     sparse = {n: m.kernel for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     assert sparse == {n: "torch_csr" for n in EXPECTED["planned"]}
     dense = prunus.load(path, runtime="dense")
+    assert not any(isinstance(m, SparseLinear) for m in export.load(path).modules())  # weights only
     ids = torch.arange(10).reshape(1, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits,

@@ -502,3 +502,14 @@ def test_a_format_defined_in_a_test_saves_and_loads_through_the_verbs(tiny_llama
 def test_unknown_format_lists_the_registered_ones(tiny_llama, tmp_path):
     with pytest.raises(CheckpointError, match="choose one of compressed, dense"):
         export.save(tiny_llama, tmp_path / "ck", format="nope", masks={}, metadata={})
+
+
+def test_export_imports_neither_kernels_nor_model_loading():
+    """Loading a checkpoint's weights needs no kernel; prunus.load (io.models) applies the plan."""
+    from test_architecture import import_graph
+
+    graph = import_graph()
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("prunus.export")
+                 for t in ts if t.startswith(("prunus.kernels", "prunus.io.models", "prunus.oneshot")))
+    assert bad == []
+    assert not any(t.startswith("prunus.export") for t in graph["prunus.kernels.plans"])
