@@ -6,7 +6,7 @@
 
 Each row compares dense ``F.linear(x, W * mask)`` with one applicable kernel on the same random
 weight and mask (exact sparsity from ``prunus.core.masks.topk``), at the thread count given (default: torch's).
-Times are medians of interleaved samples (see ``prunus.kernels.measure.time_linear``). The JSON
+Times are medians of interleaved samples (see ``prunus.kernels.timing.time_linear``). The JSON
 is a list of rows with device, out_features, in_features, pattern, sparsity, tokens, dtype,
 dense_ms, sparse_ms, speedup, kernel, threads and cold.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from prunus.errors import PrunusError  # noqa: E402
 from prunus.kernels import cpu, kernels_for, resolve_device  # noqa: E402
-from prunus.kernels.measure import Timing, time_linear  # noqa: E402
+from prunus.kernels.timing import Timing, time_linear  # noqa: E402
 from prunus.core.masks import topk  # noqa: E402
 from prunus.core.spec import NM, Block, Pattern, Unstructured  # noqa: E402
 

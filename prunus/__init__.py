@@ -20,7 +20,7 @@ _LAZY = {
     "PruneResult": ("prunus.oneshot.pipeline", "PruneResult"),
     "SparsitySpec": ("prunus.core.spec", "SparsitySpec"),
     "parse_sparsity": ("prunus.core.spec", "parse_sparsity"),
-    "load": ("prunus.export", "load"),
+    "load": ("prunus.io.models", "load_checkpoint"),
     "save": ("prunus.export", "save"),
     "load_model": ("prunus.io.models", "load_model"),
     "perplexity": ("prunus.evaluate", "perplexity"),

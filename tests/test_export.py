@@ -16,7 +16,7 @@ from torch import nn
 
 import prunus.export as export
 from prunus.errors import CheckpointError, PrunusError
-from prunus.export import compressed
+from prunus.export.formats import compressed
 from prunus.io.fsutil import OutputExistsError, atomic_dir, atomic_file, check_out_dir
 from prunus.core.masks import topk
 from prunus.core.spec import NM, Unstructured
@@ -322,7 +322,7 @@ def test_pickle_is_refused_and_never_unpickled(tiny_llama, tmp_path):
             with pytest.raises(CheckpointError, match="refuses pickle.*safetensors"):
                 verb(target)
     assert not marker.exists()
-    for src in Path(compressed.__file__).parent.glob("*.py"):
+    for src in Path(export.__file__).parent.rglob("*.py"):
         assert not re.search(r"torch\s*\.\s*load\b", src.read_text()), src
 
 
@@ -429,3 +429,87 @@ def test_atomic_dir_and_file(tmp_path):
         with atomic_file(f, overwrite=False) as tmp:
             pass
     assert leftovers(tmp_path) == []
+
+
+class _StateFormat:
+    """A format defined in a test: the untied state dict in one plain safetensors file, masks as bools."""
+
+    NAME = "x"
+
+    @staticmethod
+    def save(model, path, *, masks=None, metadata=None, tokenizer=None, overwrite=False):
+        from prunus.export.manifest import write_manifest, with_provenance
+        from prunus.export.tensors import unique_state
+
+        out = check_out_dir(path, overwrite)
+        state, tied = unique_state(model)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            model.config.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "state.safetensors"))
+            save_file({k: v.contiguous() for k, v in (masks or {}).items()} or {"_": torch.zeros(1)},
+                      str(tmp / "keep.safetensors"))
+            write_manifest(tmp, {"format": "x", "metadata": with_provenance(metadata, model), "tied": tied,
+                                 "architecture": type(model).__name__})
+        size = (out / "state.safetensors").stat().st_size
+        return export.ExportInfo(path=out, format="x", bytes=size, dense_bytes=size, total_bytes=size)
+
+    @staticmethod
+    def load(path, *, device="cpu", dtype=None):
+        import transformers
+        from safetensors.torch import load_file
+
+        man = export.read_manifest(path)
+        cfg = transformers.AutoConfig.from_pretrained(str(path))
+        model = getattr(transformers, man["architecture"])(cfg)
+        state = load_file(str(Path(path) / "state.safetensors"))
+        model.load_state_dict({**state, **{a: state[s] for a, s in man["tied"].items()}})
+        return model.to(device=device, dtype=dtype).eval()
+
+    @staticmethod
+    def load_masks(path):
+        from safetensors.torch import load_file
+
+        return {k: v for k, v in load_file(str(Path(path) / "keep.safetensors")).items() if k != "_"}
+
+    @staticmethod
+    def read_metadata(path):
+        return dict(export.read_manifest(path).get("metadata", {}))
+
+
+@pytest.fixture
+def format_x():
+    fmt = export.register_format(_StateFormat)
+    yield fmt
+    export.unregister_format("x")
+    assert "x" not in export.FORMATS and "x" not in export.format_names()
+
+
+def test_a_format_defined_in_a_test_saves_and_loads_through_the_verbs(tiny_llama, tmp_path, format_x):
+    assert "x" in export.format_names() and export.format_names()[0] == "compressed"
+    masks = prune(tiny_llama, 0.5)
+    info = export.save(tiny_llama, tmp_path / "ck", format="x", masks=masks, metadata={"method": "m"})
+    assert info.format == "x" and export.detect_format(tmp_path / "ck") == "x"
+    loaded = export.load(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, tiny_llama(ids()).logits)
+    back = export.load_masks(tmp_path / "ck")
+    assert set(back) == set(masks) and all(torch.equal(back[k], masks[k]) for k in masks)
+    assert export.read_metadata(tmp_path / "ck")["method"] == "m"
+    with pytest.raises(CheckpointError, match="already registered"):
+        export.register_format(SimpleNamespace(NAME="x", save=len, load=len, load_masks=len, read_metadata=len))
+
+
+def test_unknown_format_lists_the_registered_ones(tiny_llama, tmp_path):
+    with pytest.raises(CheckpointError, match="choose one of compressed, dense"):
+        export.save(tiny_llama, tmp_path / "ck", format="nope", masks={}, metadata={})
+
+
+def test_export_imports_neither_kernels_nor_model_loading():
+    """Loading a checkpoint's weights needs no kernel; prunus.load (io.models) applies the plan."""
+    from test_architecture import import_graph
+
+    graph = import_graph()
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("prunus.export")
+                 for t in ts if t.startswith(("prunus.kernels", "prunus.io.models", "prunus.oneshot")))
+    assert bad == []
+    assert not any(t.startswith("prunus.export") for t in graph["prunus.kernels.plans"])

@@ -121,7 +121,7 @@ def test_flipped_byte_in_coded_values_is_a_checkpoint_error(tmp_path, key):
 
 
 def test_a_newer_format_version_is_refused_clearly(tmp_path, monkeypatch):
-    from prunus.export import compressed
+    from prunus.export.formats import compressed
 
     model = _bigger_llama()
     monkeypatch.setattr(compressed, "FORMAT_VERSION", export.FORMAT_VERSION + 1)

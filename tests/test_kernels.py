@@ -13,7 +13,8 @@ from torch import nn
 from prunus.errors import PrunusError
 from prunus.kernels import (KERNELS, KernelError, KernelSpec, SparseLinear, cpu, infer_pattern,
                             kernels_for, mask_satisfies, register_kernel)
-from prunus.kernels.measure import LayerPlan, Plan, apply_plan, plan_model, time_linear
+from prunus.kernels.plans import LayerPlan, Plan, apply_plan, plan_model
+from prunus.kernels.timing import time_linear
 from prunus.core.spec import NM, Block, Unstructured
 
 HAS_COMPILED = cpu.compiled_available()
@@ -321,3 +322,50 @@ def test_tiny_llama_with_a_plan_gives_the_masked_logits(tiny_llama) -> None:
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
         out = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 10)
+
+
+class _MaskedDenseLinear(SparseLinear):
+    """A kernel defined here: the masked weight kept dense (a stand-in for a new backend)."""
+
+    kernel = "test_masked_dense"
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("w", (weight * mask).contiguous(), persistent=False)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.w
+
+
+@pytest.fixture
+def test_kernel():
+    from prunus.kernels import ALL_PATTERNS, unregister_kernel
+
+    spec = register_kernel(KernelSpec("test_masked_dense", "cpu", (torch.float32,), ALL_PATTERNS,
+                                      lambda w, m, b, p, name: _MaskedDenseLinear(w, m, b),
+                                      priority=-5, description="a test's own kernel"))
+    yield spec
+    unregister_kernel(spec.name)
+    assert spec.name not in KERNELS
+
+
+def test_a_kernel_defined_in_a_test_is_selected_and_planned_by_name(test_kernel) -> None:
+    lin = _linear(16, 32, bias=True)
+    mask = torch.rand(16, 32, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    assert test_kernel in kernels_for((16, 32), Unstructured(), "cpu", torch.float32)
+    sp = SparseLinear.from_dense(lin, mask, "test_masked_dense")
+    assert isinstance(sp, _MaskedDenseLinear)
+    _check(sp, lin, mask, (3, 32))
+    model = nn.Sequential(lin)
+    plan = plan_model(model, {"0": mask}, [1], 1e-9, kernels=["test_masked_dense"], repeats=1,
+                      warmup=0, min_sample_ms=0.01)
+    assert plan.kernels == {"0": "test_masked_dense"}
+    assert apply_plan(model, Plan.from_json(plan.to_json()), {"0": mask}) == {"0": "test_masked_dense"}
+    assert isinstance(model[0], _MaskedDenseLinear)
+    with pytest.raises(KernelError, match="already registered"):
+        register_kernel(test_kernel)

@@ -59,7 +59,7 @@ def test_export_refuses_checkpoint_without_masks(tmp_path, capsys, tiny_llama_di
 
 def test_plan_mismatch_is_clear(tmp_path, pruned, tiny_tokenizer):
     from prunus.kernels import KernelError
-    from prunus.kernels.measure import Plan, plan_model
+    from prunus.kernels.plans import Plan, plan_model
     from prunus.export import load, load_masks
 
     from conftest import make_tiny_llama

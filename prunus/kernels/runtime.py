@@ -1,8 +1,10 @@
-"""Making sparsity pay at run time: measure each layer, keep a sparse kernel only where it is faster.
+"""``prunus bench`` and ``prunus export --runtime auto``: load a model, measure it, store its plan.
+
+Making sparsity pay at run time: measure each layer, keep a sparse kernel only where it is faster.
 
 ``prunus bench`` times every prunable linear of a model, dense against each applicable kernel, and
 the end-to-end prefill and decode. ``prunus export --runtime auto`` stores a compressed checkpoint
-whose metadata carries a kernel :class:`~prunus.kernels.measure.Plan`, and
+whose metadata carries a kernel :class:`~prunus.kernels.plans.Plan`, and
 :func:`prunus.load` (``runtime="auto"``) swaps in exactly the planned kernels, so a layer that was
 not measurably faster stays dense and the model is never made slower by its sparsity.
 
@@ -14,27 +16,26 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from prunus import export
 from prunus.errors import CheckpointError
-from prunus.kernels import KernelError, resolve_device
-
-PLAN_KEY = "kernel_plan"
+from prunus.core.targets import select
+from prunus.io.fsutil import check_out_dir
+from prunus.io.models import load_model
+from prunus.kernels.plans import PLAN_KEY, apply_plan, plan_model
+from prunus.kernels.registry import KernelError, resolve_device
+from prunus.kernels.timing import time_generate, time_linear
 
 
 def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
     """The keep masks of a prunus checkpoint; for any other model, its non-zero pattern."""
-    from prunus.export import load_masks
-    from prunus.core.targets import select
-
     if (Path(source) / "prunus.json").is_file():
-        masks = load_masks(source)
+        masks = export.load_masks(source)
         if masks:
             return masks
     return {t.name: (t.get() != 0) for t in select(model) if not t.transposed}
@@ -61,10 +62,6 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         CheckpointError: not a prunus checkpoint, or no masks stored.
         KernelError: ``device="cuda"`` without CUDA.
     """
-    from prunus import export
-    from prunus.io.fsutil import check_out_dir
-    from prunus.kernels.measure import plan_model
-
     if runtime not in ("auto", "dense"):
         raise KernelError(f"unknown runtime {runtime!r}; choose auto or dense")
     check_out_dir(out, overwrite)
@@ -75,7 +72,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     masks = export.load_masks(checkpoint)
     if not masks:
         raise CheckpointError(f"{checkpoint} stores no masks; --runtime auto needs a pruned checkpoint")
-    model = export.load(checkpoint, runtime="dense")
+    model = export.load(checkpoint)  # dense: the plan stored there (if any) is not applied
     meta = dict(export.read_metadata(checkpoint))
     plan = None
     if runtime == "auto":
@@ -96,34 +93,6 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     return info, plan
 
 
-def apply_stored_plan(model: nn.Module, metadata: Mapping[str, Any], masks: Mapping[str, Tensor]) -> dict[str, str]:
-    """Apply the kernel plan recorded in a checkpoint's metadata (none: nothing happens)."""
-    if PLAN_KEY not in metadata:
-        return {}
-    from prunus.kernels.measure import Plan, apply_plan
-
-    plan = Plan.from_dict(metadata[PLAN_KEY])
-    return apply_plan(model, plan, masks)
-
-
-@torch.inference_mode()
-def time_generate(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3) -> dict[str, float]:
-    """Median prefill seconds (one forward over ``prompt``) and decode tokens/s (greedy, KV cache)."""
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        t1 = time.perf_counter()
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        decode.append(new_tokens / (t2 - t1))
-    return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
-
-
 def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1, 16, 128),
                 threads: Optional[int] = None, prompt_tokens: int = 128, new_tokens: int = 32,
                 margin: float = 1.1, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -132,9 +101,6 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     The end-to-end numbers compare the dense model with the same model after a plan made for
     batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
     """
-    from prunus.kernels.measure import apply_plan, plan_model, time_linear
-    from prunus.io.models import load_model
-
     dev = resolve_device(device)
     model, _ = load_model(source)
     model.to(dev)

@@ -35,27 +35,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prunus.errors import CheckpointError
-from prunus.export import (
-    FORMAT_VERSION,
-    ExportInfo,
-    check_checkpoint_path,
-    dense_safetensors_bytes,
-    dtype_name,
-    folder_bytes,
-    main_dtype,
-    masks_by_module,
-    plain_config,
-    read_manifest,
-    resolve_masks,
-    sha256_file,
-    unique_state,
-    with_provenance,
-    write_manifest,
-)
+from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_checkpoint_path,
+                                    folder_bytes, read_manifest, sha256_file, with_provenance,
+                                    write_manifest)
+from prunus.export.tensors import (dense_safetensors_bytes, dtype_name, main_dtype, masks_by_module,
+                                   plain_config, resolve_masks, unique_state)
 from prunus.io.fsutil import atomic_dir, check_out_dir
 from prunus.core.masks import pack, unpack
 
 NAME = "dense"
+PRIORITY = 0  # sniffed last: any transformers safetensors folder is dense
 MASKS_FILE = "masks.safetensors"
 
 
@@ -195,4 +184,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-__all__ = ["NAME", "MASKS_FILE", "save", "load", "load_masks", "read_metadata"]
+def sniff(folder: Path) -> bool:
+    """Whether a folder without ``prunus.json`` is a plain transformers safetensors folder."""
+    has_weights = (folder / WEIGHTS).exists() or (folder / f"{WEIGHTS}.index.json").exists()
+    return has_weights and (folder / "config.json").exists()
+
+
+__all__ = ["NAME", "PRIORITY", "sniff", "MASKS_FILE", "save", "load", "load_masks", "read_metadata"]

@@ -1,0 +1,115 @@
+"""The base class of the sparse kernels: :class:`SparseLinear`, a drop-in ``nn.Linear`` replacement.
+
+Every kernel module is a :class:`SparseLinear`, whose one hook is ``matmul(x2d) -> y2d`` (bias
+included). They are for inference: no gradients flow through them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunus.core.spec import Pattern
+from prunus.kernels.patterns import infer_pattern
+from prunus.kernels.registry import KernelError, select_kernel
+
+
+class SparseLinear(nn.Module):
+    """Base class of the sparse ``nn.Linear`` replacements: ``y = x @ W.T + bias`` with W sparse.
+
+    Subclasses store the weight in their own format and implement :meth:`matmul` on a 2-D input.
+    ``forward`` accepts ``(..., in_features)`` like ``nn.Linear``.
+    """
+
+    kernel: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone().contiguous(), requires_grad=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """(N, in) -> (N, out), bias included. The one hook a kernel implements."""
+        raise NotImplementedError
+
+    def cached(self, names: tuple[str, ...]) -> tuple:
+        """``tuple(getattr(self, n) for n in names)``, kept in ``__dict__`` between calls.
+
+        ``nn.Module.__getattr__`` costs about a microsecond per buffer; a decode step calls
+        hundreds of small layers. The cache is dropped by ``.to()``-style moves and attribute sets.
+        """
+        args = self.__dict__.get("_cached_args")
+        if args is None or args[0] != names:
+            args = (names, tuple(getattr(self, n) for n in names))
+            self.__dict__["_cached_args"] = args
+        return args[1]
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self.__dict__.pop("_cached_args", None)
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self.__dict__.pop("_cached_args", None)
+        super().__setattr__(name, value)
+
+    def dense_weight(self) -> Tensor:
+        """The (out, in) weight with pruned entries zero, rebuilt from the sparse format."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if x.dim() == 2:
+            return self.matmul(x)
+        lead = x.shape[:-1]
+        return self.matmul(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
+
+    @property
+    def nnz(self) -> int:
+        """Stored non-zeros (padding included)."""
+        return 0
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")
+
+    @staticmethod
+    def from_dense(linear: nn.Linear, mask: Optional[Tensor] = None, kernel: str = "auto", *,
+                   pattern: Optional[Pattern] = None, name: str = "layer") -> "SparseLinear":
+        """Build the sparse replacement of ``linear`` keeping the weights where ``mask`` is True.
+
+        Args:
+            linear: the dense layer; its weight (out, in) and bias are copied.
+            mask: (out, in) bool keep-mask; ``None`` keeps the non-zero weights.
+            kernel: a registered kernel name, or ``"auto"`` for the highest-priority available
+                kernel on the weight's device that serves ``pattern``. ``"auto"`` does not measure:
+                use :func:`prunus.kernels.plans.plan_model` to keep only kernels that pay.
+            pattern: the mask's pattern, if known; inferred from the mask when a kernel needs it.
+            name: the layer's name, used in error messages.
+
+        Raises:
+            KernelError: unknown kernel, absent device, unavailable build, or a mask the kernel
+                cannot serve (e.g. a 2:4 kernel on a mask that is not 2:4).
+        """
+        weight = linear.weight.detach()
+        if mask is None:
+            mask = weight != 0
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight "
+                              f"shape {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        bias = None if linear.bias is None else linear.bias.detach()
+        spec = select_kernel(kernel, weight, mask, pattern, name)
+        if spec.needs_pattern and pattern is None:
+            pattern = infer_pattern(mask)
+        return spec.build(weight, mask, bias, pattern, name)
+
+
+def dense_reference(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The masked dense product every kernel must match: ``F.linear(x, weight * mask, bias)``."""
+    return F.linear(x, weight * mask, bias)
