@@ -39,7 +39,7 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--include", help="comma-separated FQN globs of layers to prune (default *)")
     p.add_argument("--exclude", help="comma-separated FQN globs to keep dense (default lm_head, embeddings)")
     p.add_argument("--out", help="save the pruned model to this folder")
-    p.add_argument("--format", choices=["compressed", "dense"], help="checkpoint format (default compressed)")
+    p.add_argument("--format", help="checkpoint format: compressed (default), dense, or any registered one")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG comparing perplexity and per-layer sparsity")

@@ -72,7 +72,7 @@ PRUNE = [
     (["--sparsity", "0.5", "--out", "/proc/prunus-test"], "cannot write to /proc"),
     (["--sparsity", "0.5", "--json", "{out}"], "is a folder"),
     (["--sparsity", "0.5,2:4", "--out", "{out}/ck"], "--out saves one model"),
-    (["--sparsity", "0.5", "--format", "zip"], "invalid choice"),
+    (["--sparsity", "0.5", "--format", "zip"], "unknown format 'zip'; choose compressed or dense"),
     (["--sparsity", "0.5", "--baselines", "dense,nope"], "unknown baseline"),
     (["--sparsity", "2:4", "--method", "sparsegpt", "--refine", "dsnot", "refine_options.nope=1"], "unknown option"),
 ]

@@ -31,11 +31,11 @@ from prunus.core.options import check, coerce, option
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
 from prunus.errors import SpecError
+from prunus.export import format_names
 from prunus.oneshot.plan import make_plan, make_steps
 from prunus.oneshot.steps import StepRun
 
 BASELINES = ("dense", "magnitude", "random")
-FORMATS = ("compressed", "dense")
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,8 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     if bad := set(bl) - set(BASELINES):
         raise SpecError(f"unknown baseline(s) {sorted(bad)}; choose from {', '.join(BASELINES)}")
     fmt = d.get("format", "compressed")
-    if fmt not in FORMATS:
-        raise SpecError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
+    if fmt not in format_names():
+        raise SpecError(f"unknown format {fmt!r}; choose {' or '.join(format_names())}")
     if d.get("out") and (len(methods) > 1 or len(specs) > 1):
         raise SpecError("--out saves one model: give a single --method and --sparsity")
     for k in ("include", "exclude"):
