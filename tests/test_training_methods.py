@@ -14,8 +14,8 @@ from prunus.errors import PrunusError, SpecError
 from prunus.core.masks import pattern_violations
 from prunus.core.spec import NM, SparsitySpec
 from prunus.training import schedules
-from prunus.training.dst import drop_grow
-from prunus.training.srste import srste_apply
+from prunus.training.methods.dst import drop_grow
+from prunus.training.methods.srste import srste_apply
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -264,7 +264,7 @@ def test_spdf_releases_mask():
 
 
 def test_sparse_wide_factor_and_iso_flop_search():
-    from prunus.training.sparse_ift import iso_flop_width, sparse_wide_factor
+    from prunus.training.methods.sparse_ift import iso_flop_width, sparse_wide_factor
 
     assert sparse_wide_factor(0.75) == pytest.approx(2.0)
     # a hidden layer widened on both sides: k^2 (1-s) d^2 <= d^2  ->  k = 2 at s = 0.75

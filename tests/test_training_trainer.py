@@ -106,3 +106,16 @@ def test_recipes_parse():
         assert cfg.method in ("gmp", "rigl") and seeds
     with pytest.raises(SpecError):
         cli.config_from_args(_args("--recipe", str(ROOT / "recipes" / "nope.yaml")))
+
+
+def test_unquoted_2_4_recipe_trains_2_4(tmp_path, capsys):
+    """YAML 1.1 reads an unquoted 2:4 as the integer 124; the one recipe loader keeps it N:M."""
+    recipe = tmp_path / "srste.yaml"
+    recipe.write_text("task: digits\nmodel: mlp\nmethod: srste\nsparsity: 2:4\nepochs: 1\nbatch_size: 64\n"
+                      "train_subset: 256\n")
+    cfg, _ = cli.config_from_args(_args("--recipe", str(recipe)))
+    assert cfg.sparsity == "2:4"
+    out = tmp_path / "r.json"
+    assert cli.run(_args("--recipe", str(recipe), "--json", str(out), "--no-progress")) == 0
+    doc = json.loads(out.read_text())
+    assert doc["sparsity_spec"] == "2:4" and doc["sparsity"] == pytest.approx(0.5)

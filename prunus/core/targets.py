@@ -7,6 +7,11 @@ embeddings) is targeted once, under the first name that owns it.
 GPT-2's ``Conv1D`` stores its weight as (in, out); :meth:`Target.get` and :meth:`Target.set` always
 speak (out, in), so algorithms never see the difference.
 
+One-shot pruning selects linear layers (the default ``kinds``); sparse training also selects
+convolutions (``kinds=TRAINABLE``) and reads :attr:`Target.weight`, the trained parameter (the
+original one when the weight is parametrized, as SR-STE and PGF do). The tied-weight rule is the same
+for both.
+
 Example:
     >>> ts = select(model, include=["*.mlp.*"], exclude=["lm_head"])
     >>> ts[0].name, ts[0].get().shape
@@ -25,6 +30,8 @@ from torch import Tensor, nn
 from prunus.errors import SpecError
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*wte*", "*wpe*")
+LINEAR: tuple[type, ...] = (nn.Linear,)  # plus GPT-2's Conv1D, recognised by name
+TRAINABLE: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)  # what sparse training sparsifies
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -32,9 +39,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def is_prunable(module: nn.Module) -> bool:
-    """Linear-like modules with a 2-D weight: nn.Linear and GPT-2's Conv1D."""
-    return (isinstance(module, nn.Linear) or _is_conv1d(module)) and getattr(module, "weight", None) is not None
+def is_prunable(module: nn.Module, kinds: tuple[type, ...] = LINEAR) -> bool:
+    """Modules of ``kinds`` (default: nn.Linear) or GPT-2's Conv1D, with a weight."""
+    return (isinstance(module, kinds) or _is_conv1d(module)) and getattr(module, "weight", None) is not None
+
+
+def parameter(module: nn.Module) -> Tensor:
+    """The module's weight parameter: the original one when the weight is parametrized."""
+    if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
+        return module.parametrizations.weight.original
+    return module.weight
 
 
 @dataclass(eq=False)
@@ -44,6 +58,11 @@ class Target:
     name: str
     module: nn.Module = field(repr=False)
     transposed: bool = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The trained parameter in the module's own layout (the original one when parametrized)."""
+        return parameter(self.module)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,13 +86,16 @@ def _match(name: str, patterns: Sequence[str]) -> bool:
 
 
 def select(model: nn.Module, include: Iterable[str] = ("*",),
-           exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[Target]:
+           exclude: Iterable[str] = DEFAULT_EXCLUDE, *, kinds: tuple[type, ...] = LINEAR,
+           root: bool = False) -> list[Target]:
     """Prunable layers of ``model`` whose FQN matches an ``include`` glob and no ``exclude`` glob.
 
     Args:
         model: any nn.Module.
         include: fnmatch globs over module names; ``*`` matches dots too.
         exclude: globs removed after inclusion; the default drops lm_head and embeddings.
+        kinds: module classes to select (GPT-2's Conv1D always); :data:`TRAINABLE` adds convolutions.
+        root: also consider ``model`` itself (name ``""``), e.g. a bare ``nn.Linear``.
 
     Returns:
         Targets in module order, each weight once (tied weights keep the first owner).
@@ -86,14 +108,14 @@ def select(model: nn.Module, include: Iterable[str] = ("*",),
     # weights tied to an excluded module (lm_head tied to the embedding) stay excluded everywhere
     for name, module in model.named_modules():
         if _match(name, exclude) and getattr(module, "weight", None) is not None:
-            seen.add(id(module.weight))
+            seen.add(id(parameter(module)))
     out = []
     for name, module in model.named_modules():
-        if not name or not is_prunable(module):
+        if (not name and not root) or not is_prunable(module, kinds):
             continue
-        if not _match(name, include) or _match(name, exclude) or id(module.weight) in seen:
+        if not _match(name, include) or _match(name, exclude) or id(parameter(module)) in seen:
             continue
-        seen.add(id(module.weight))
+        seen.add(id(parameter(module)))
         out.append(Target(name, module, transposed=_is_conv1d(module)))
     if not out:
         raise SpecError(f"no prunable layers match include={list(include)} exclude={list(exclude)}")

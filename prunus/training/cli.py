@@ -24,10 +24,9 @@ import argparse
 import sys
 from typing import Any
 
-import yaml
-
-from prunus.errors import PrunusError
-from prunus.training import METHODS
+from prunus.errors import DataError, PrunusError, SpecError
+from prunus.io.recipe import load_recipe, parse_value
+from prunus.training.registry import load_all
 from prunus.training.tasks import MODELS, TASKS
 
 
@@ -38,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="YAML file of trainer options (flags given here override it)")
     p.add_argument("--task", choices=TASKS)
     p.add_argument("--model", choices=MODELS)
-    p.add_argument("--method", help=f"dense or one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", help=f"dense or one of: {', '.join(sorted(load_all()))}")
     p.add_argument("--sparsity", help="target sparsity: 90%%, 0.9, 2:4 (N:M)")
     p.add_argument("--allocation", choices=("uniform", "erk"))
     p.add_argument("--epochs", type=int)
@@ -77,25 +76,18 @@ _FIELDS = {"task": "task", "model": "model", "method": "method", "sparsity": "sp
 
 def config_from_args(args: argparse.Namespace):
     """Recipe file, then flags, into a :class:`TrainConfig` and a list of seeds."""
-    from prunus.errors import SpecError
     from prunus.training.trainer import TrainConfig
 
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     seeds = 1
     if args.recipe:
-        try:
-            with open(args.recipe) as fh:
-                recipe = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise SpecError(f"cannot read recipe {args.recipe}: {e.strerror}") from None
-        if not isinstance(recipe, dict):
-            raise SpecError(f"recipe {args.recipe} must be a mapping of trainer options")
+        try:  # the one recipe loader: an unquoted 2:4 stays "2:4", unknown keys are refused
+            recipe = load_recipe(args.recipe, known={*_FIELDS, "options", "seeds"})
+        except DataError as e:  # a missing or unreadable recipe is a wrong argument here
+            raise SpecError(str(e)) from None
         options.update(recipe.pop("options", None) or {})
         seeds = int(recipe.pop("seeds", seeds))
-        unknown = set(recipe) - set(_FIELDS)
-        if unknown:
-            raise SpecError(f"recipe {args.recipe}: unknown key(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
         values.update(recipe)
     for flag, fld in _FIELDS.items():
         v = getattr(args, flag, None)
@@ -107,7 +99,7 @@ def config_from_args(args: argparse.Namespace):
         key, sep, raw = item.partition("=")
         if not sep:
             raise SpecError(f"--option {item!r}: expected KEY=VALUE")
-        options[key.strip()] = yaml.safe_load(raw)
+        options[key.strip()] = parse_value(raw)
     if "sparsity" in values:
         values["sparsity"] = str(values["sparsity"])
     if seeds < 1:

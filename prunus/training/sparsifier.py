@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -35,25 +33,10 @@ from prunus.budgets import LayerInfo, allocate
 from prunus.errors import SpecError
 from prunus.core.masks import n_pruned, topk
 from prunus.core.spec import NM, Pattern, SparsitySpec
-from prunus.core.stats import layer_seed, weight_only_stats
+from prunus.core.stats import LayerStats, layer_seed, weight_only_stats
+from prunus.core.targets import TRAINABLE, Target, select
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One sparsified weight: its module's fully-qualified name and the module."""
-
-    name: str
-    module: nn.Module
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The trained tensor (the original one when the weight is parametrized)."""
-        m = self.module
-        if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
-            return m.parametrizations.weight.original
-        return m.weight
+PRUNABLE = TRAINABLE  # nn.Linear, nn.Conv1d, nn.Conv2d (and GPT-2's Conv1D)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -64,19 +47,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def find_targets(model: nn.Module, include: Optional[Sequence[str]] = None,
                  exclude: Sequence[str] = ()) -> list[Target]:
-    """Linear and convolution weights whose names match ``include`` globs and no ``exclude`` glob."""
-    out = []
-    for name, mod in unwrap(model).named_modules():
-        if not isinstance(mod, PRUNABLE):
-            continue
-        if include is not None and not any(fnmatch.fnmatch(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatch(name, p) for p in exclude):
-            continue
-        out.append(Target(name, mod))
-    if not out:
-        raise SpecError("no layer to sparsify: no Linear/Conv layer matches the include/exclude globs")
-    return out
+    """Linear and convolution weights whose names match ``include`` globs and no ``exclude`` glob.
+
+    The one target selection, :func:`prunus.core.targets.select`, with convolutions added: a weight
+    tied to an excluded module, or to one already selected, is not targeted twice.
+    """
+    try:
+        return select(unwrap(model), ("*",) if include is None else include, exclude, kinds=PRUNABLE, root=True)
+    except SpecError:
+        raise SpecError("no layer to sparsify: no Linear/Conv layer matches the include/exclude globs") from None
 
 
 def as_spec(spec: SparsitySpec | str | float, allocation: Optional[str] = None) -> SparsitySpec:
@@ -109,6 +88,14 @@ def layer_budgets(targets: Sequence[Target], spec: SparsitySpec, sparsity: Optio
             raise SpecError(f"layer {t.name!r} would keep no weight at sparsity {budgets[t.name]:g}; "
                             f"lower the sparsity or exclude the layer")
     return budgets
+
+
+def magnitude(weight: Tensor, stats: Optional[LayerStats] = None) -> Tensor:
+    """|W| as float scores, from the criteria registry's ``magnitude`` (the one definition of it)."""
+    return criteria.get("magnitude")(weight, stats if stats is not None else _NO_STATS)
+
+
+_NO_STATS = weight_only_stats("", 0)  # magnitude reads no statistics
 
 
 def mask_from_scores(scores: Tensor, sparsity: float, pattern: Pattern, name: str) -> Tensor:
@@ -276,8 +263,16 @@ class Sparsifier:
 
 
 
+def option_values(options: Any, kwargs: dict[str, Any]) -> Any:
+    """A factory's options: the typed dataclass when one is given (a trainer's), else the keywords."""
+    if options is not None and kwargs:
+        raise SpecError(f"pass a method's options either as one options dataclass or as keywords, "
+                        f"not both (got options= and {sorted(kwargs)})")
+    return options if options is not None else kwargs
+
+
 def prepare(model: nn.Module, spec: SparsitySpec | str | float, *, method: str,
-            patterns: tuple[type, ...], options: type, values: dict[str, Any],
+            patterns: tuple[type, ...], options: type, values: Any,
             allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
             exclude: Sequence[str] = ()) -> tuple[list[Target], SparsitySpec, Any]:
     """What every factory does first: parse the spec, find targets, type the options."""

@@ -17,7 +17,6 @@ scales hidden widths (Sparse-IFT's Sparse Wide).
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunus.errors import DataError, ModelError
+from prunus.io.cache import cache_root
+from prunus.io.data import resolve_text
+from prunus.io.fsutil import atomic_file
 
 TASKS = ("fashion-mnist", "mnist1d", "digits", "text")
 MODELS = ("mlp", "lenet300", "lenet5", "cnn", "gpt-tiny")
@@ -54,8 +56,8 @@ class Dataset:
 
 
 def data_dir() -> Path:
-    """Where fetched data lives: ``$PRUNUS_DATA`` or ``~/.cache/prunus``."""
-    return Path(os.environ.get("PRUNUS_DATA", Path.home() / ".cache" / "prunus"))
+    """Where generated data is cached: the one prunus cache root (:func:`prunus.io.cache.cache_root`)."""
+    return cache_root()
 
 
 def _fashion(root: Path = FASHION_DIR) -> Dataset:
@@ -89,10 +91,8 @@ def _mnist1d() -> Dataset:
     else:
         d = make_dataset(get_dataset_args())  # generated locally, deterministic (its own seed)
         d = {k: d[k] for k in ("x", "y", "x_test", "y_test")}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **d)
-        os.replace(tmp, cache)
+        with atomic_file(cache) as tmp:  # tmp ends in .npz, so np.savez keeps the name
+            np.savez(tmp, **d)
     f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))
     i = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))
     return Dataset("mnist1d", "classification", f(d["x"]), i(d["y"]), f(d["x_test"]), i(d["y_test"]), 10)
@@ -112,27 +112,23 @@ def _digits() -> Dataset:
     return Dataset("digits", "classification", x[tr], y[tr], x[te], y[te], 10)
 
 
-def book_file(book: str) -> Path:
-    """A fetched book (``prunus.io.books``: ``emma``, ``pride``, ..., ``shakespeare``), or a DataError."""
-    from prunus.io import books
-
-    path = books.book_path(book)
-    if not path.is_file():
-        raise DataError(f"book {book!r} is not in {path.parent}; fetch it with: {books.FETCH_COMMAND} "
-                        f"(or pass --text-file PATH)")
-    return path
-
-
 def _text(text_file: Optional[str], book: str, val_fraction: float = 0.1,
           max_bytes: int = 400_000) -> Dataset:
-    """Byte blocks of the first ``max_bytes`` of the text (a tiny GPT on 2 CPU cores needs no more)."""
-    path = Path(text_file) if text_file else book_file(book)
-    if not path.exists():
-        raise DataError(f"text file {path} not found")
-    data = torch.frombuffer(bytearray(path.read_bytes()[:max_bytes]), dtype=torch.uint8).long()
+    """Byte blocks of the first ``max_bytes`` of the text (a tiny GPT on 2 CPU cores needs no more).
+
+    A book comes through the one book lookup, :func:`prunus.io.data.resolve_text` (``book:NAME``).
+    """
+    if text_file:
+        path = Path(text_file)
+        if not path.exists():
+            raise DataError(f"text file {path} not found")
+        raw, where = path.read_bytes(), f"text file {path}"
+    else:
+        raw, where = resolve_text(f"book:{book}").encode("utf-8"), f"book {book!r}"
+    data = torch.frombuffer(bytearray(raw[:max_bytes]), dtype=torch.uint8).long()
     n_blocks = len(data) // CONTEXT - 1
     if n_blocks < 20:
-        raise DataError(f"text file {path} is too short: {len(data)} bytes, need {21 * CONTEXT}")
+        raise DataError(f"{where} is too short: {len(data)} bytes, need {21 * CONTEXT}")
     blocks = torch.stack([data[i * CONTEXT:(i + 1) * CONTEXT + 1] for i in range(n_blocks)])  # (N, T+1)
     n_val = max(1, int(n_blocks * val_fraction))
     empty = torch.zeros(0, dtype=torch.long)

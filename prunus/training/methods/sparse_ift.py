@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
 from prunus.errors import SpecError
 from prunus.core.spec import SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import Sparsifier, as_spec
+from prunus.core.options import build_options
+from prunus.training.registry import TrainingMethod, WidthProblem, get, register
+from prunus.training.sparsifier import Sparsifier, as_spec, option_values
 
 
 def sparse_wide_factor(sparsity: float) -> float:
@@ -63,7 +64,7 @@ class SparseIFTOptions:
 
 def sparse_ift(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,
                seed: int = 0, allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-               exclude: Sequence[str] = (), **options) -> Sparsifier:
+               exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Sparse Wide training (Saxena et al. 2023) of a model already widened by :func:`iso_flop_width`.
 
     The reference trainer builds the widened model itself (``prunus train --method sparse_ift``).
@@ -73,21 +74,26 @@ def sparse_ift(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *,
         >>> model = build(width=k); opt = ...
         >>> sp = prunus.training.sparse_ift(model, opt, "75%", total_steps=5000)
     """
-    from prunus.core.options import build_options
-    from prunus.training import get
-
-    opts = build_options(SparseIFTOptions, options, "training method 'sparse_ift'")
+    opts = build_options(SparseIFTOptions, option_values(options, kwargs), "training method 'sparse_ift'")
     spec = as_spec(spec, allocation)
     if not isinstance(spec.pattern, Unstructured):
         raise SpecError(f"training method 'sparse_ift' supports unstructured sparsity, not {spec.pattern}")
     if opts.inner not in ("rigl", "set", "static"):
         raise SpecError(f"sparse_ift: inner method must be rigl, set or static, got {opts.inner!r}")
+    entry = get(opts.inner)
     inner = {} if opts.inner == "static" else {"delta_t": opts.delta_t, "alpha": opts.alpha, "end": opts.end}
-    sp = get(opts.inner).factory(model, optimizer, spec, total_steps=total_steps, seed=seed,
-                                 include=include, exclude=exclude, **inner)
+    sp = entry.factory(model, optimizer, spec, total_steps=total_steps, seed=seed, include=include,
+                       exclude=exclude, options=build_options(entry.options, inner, f"sparse_ift {opts.inner}"))
     sp.method = "sparse_ift"
     return sp
 
 
+def _width(problem: WidthProblem) -> float:
+    """Sparse Wide: the multiplier making the widened sparse model's forward FLOPs the dense one's."""
+    hi = 1.0 / (1.0 - problem.spec.sparsity)
+    return round(iso_flop_width(problem.sparse_flops, problem.dense_flops, hi=hi, iters=12), 3)
+
+
 register(TrainingMethod("sparse_ift", sparse_ift, SparseIFTOptions,
-                        "Saxena et al. 2023, Sparse-IFT: Sparse Iso-FLOP Transformations (ICML 2024)"))
+                        "Saxena et al. 2023, Sparse-IFT: Sparse Iso-FLOP Transformations (ICML 2024)",
+                        width=_width))

@@ -13,16 +13,16 @@ The schedule is :func:`prunus.training.schedules.pgf`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunus.core.spec import NM, SparsitySpec
-from prunus.training import TrainingMethod, register
+from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import pgf as pgf_schedule
-from prunus.training.sparsifier import Sparsifier, mask_from_scores, prepare
+from prunus.training.sparsifier import Sparsifier, magnitude, mask_from_scores, option_values, prepare
 
 
 class PGFMask(nn.Module):
@@ -36,7 +36,7 @@ class PGFMask(nn.Module):
         n_t, beta = self.schedule()
         if n_t >= self.m:
             return weight
-        keep = mask_from_scores(weight.detach().abs(), 0.0, NM(n_t, self.m), self.name)
+        keep = mask_from_scores(magnitude(weight), 0.0, NM(n_t, self.m), self.name)
         return weight * (keep + beta * (~keep)).to(weight.dtype)
 
 
@@ -58,14 +58,15 @@ class PGFOptions:
 
 def pgf(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps: int, seed: int = 0,
         allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (), **options) -> Sparsifier:
+        exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Progressive Gradient Flow N:M training (Bambhaniya et al. 2024). ``spec`` must be N:M.
 
     Example:
         >>> sp = prunus.training.pgf(model, opt, "1:8", total_steps=5000, decay="structure")
     """
     targets, spec, opts = prepare(model, spec, method="pgf", patterns=(NM,), options=PGFOptions,
-                                  values=options, allocation=allocation, include=include, exclude=exclude)
+                                  values=option_values(options, kwargs), allocation=allocation,
+                                  include=include, exclude=exclude)
     pgf_schedule(0, total_steps, spec.pattern.n, spec.pattern.m, decay=opts.decay, dense=opts.dense,
                  finetune=opts.finetune, coef=opts.coef)  # bad options fail before the model changes
     for t in targets:
@@ -85,7 +86,7 @@ def pgf(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps: i
         for t in sp.targets:
             w = t.weight.detach()
             sp.masks[t.name] = (torch.ones_like(w, dtype=torch.bool) if n_t >= spec.pattern.m else
-                                mask_from_scores(w.abs(), 0.0, NM(n_t, spec.pattern.m), t.name))
+                                mask_from_scores(magnitude(w), 0.0, NM(n_t, spec.pattern.m), t.name))
 
     masks = {t.name: torch.ones_like(t.weight, dtype=torch.bool) for t in targets}
     sp = Sparsifier(model, optimizer, targets, masks, spec=spec, method="pgf", total_steps=total_steps,

@@ -14,16 +14,19 @@ random initialisation instead of the rewound weights.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from prunus.core.options import build_options
 from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
 from prunus.core.stats import layer_seed
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import Sparsifier, layer_budgets, mask_from_scores, prepare, unwrap
+from prunus.training.registry import TrainingMethod, register
+from prunus.training.sparsifier import (Sparsifier, layer_budgets, magnitude, mask_from_scores, option_values,
+                                        prepare, unwrap)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def _reinit(model: nn.Module, seed: int) -> None:
 
 def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,
         seed: int = 0, allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (), **options) -> Sparsifier:
+        exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
 
     ``total_steps`` covers all ``rounds + 1`` phases; the sparsifier's ``phases`` lists their
@@ -65,9 +68,12 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
     Example:
         >>> sp = prunus.training.lth(model, opt, "90%", total_steps=4 * 2000, rounds=3, rewind=0.02)
     """
-    targets, spec, opts = prepare(model, spec, method="lth_reinit" if options.get("reinit") else "lth",
+    values = option_values(options, kwargs)
+    reinit = values.reinit if isinstance(values, LTHOptions) else values.get("reinit")
+    targets, spec, opts = prepare(model, spec, method="lth_reinit" if reinit else "lth",
                                   patterns=(Unstructured, Block, Channel), options=LTHOptions,
-                                  values=options, allocation=allocation, include=include, exclude=exclude)
+                                  values=values, allocation=allocation,
+                                  include=include, exclude=exclude)
     name = "lth_reinit" if opts.reinit else "lth"
     phase = max(1, total_steps // (opts.rounds + 1))
     k = int(round(opts.rewind * phase))
@@ -84,7 +90,7 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
         budgets = layer_budgets(sp.targets, spec, sparsity=s_r)
         for t in sp.targets:
             w = t.weight.detach()
-            scores = torch.where(sp.masks[t.name], w.abs().float(), torch.full_like(w, -1.0))
+            scores = torch.where(sp.masks[t.name], magnitude(w), torch.full_like(w, -1.0))
             sp.masks[t.name] = mask_from_scores(scores, budgets[t.name], spec.pattern, t.name)
         with torch.no_grad():
             if opts.reinit and r == opts.rounds:
@@ -105,10 +111,11 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
 
 def lth_reinit(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,
                seed: int = 0, allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-               exclude: Sequence[str] = (), **options) -> Sparsifier:
+               exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """The LTH control (Frankle & Carbin 2019, sec. 2): the same masks, randomly re-initialised."""
+    opts = build_options(LTHOptions, option_values(options, kwargs), "training method 'lth_reinit'")
     return lth(model, optimizer, spec, total_steps=total_steps, seed=seed, allocation=allocation,
-               include=include, exclude=exclude, **{**options, "reinit": True})
+               include=include, exclude=exclude, options=dataclasses.replace(opts, reinit=True))
 
 
 register(TrainingMethod("lth", lth, LTHOptions,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,9 +20,9 @@ from torch import nn
 from prunus.errors import SpecError
 from prunus.core.masks import n_pruned
 from prunus.core.spec import SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import (Sparsifier, Target, generator, layer_budgets, prepare,
-                                        random_masks, sparse_init, unwrap)
+from prunus.training.registry import RunPlan, TrainingMethod, register
+from prunus.training.sparsifier import (Sparsifier, Target, generator, layer_budgets, option_values,
+                                        prepare, random_masks, sparse_init, unwrap)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def sample_budgets(targets: Sequence[Target], sparsity: float, spread: float,
 def random_search(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,
                   score_fn: Callable[[Sparsifier], float], seed: int = 0,
                   allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-                  exclude: Sequence[str] = (), **options) -> Sparsifier:
+                  exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Best of K random sparse configurations, each scored by ``score_fn`` after a short training.
 
     Args:
@@ -84,7 +84,7 @@ def random_search(model: nn.Module, optimizer, spec: SparsitySpec | str | float,
         ...                                    score_fn=lambda sp: short_train_and_eval(sp), candidates=8)
     """
     targets, spec, opts = prepare(model, spec, method="random_search", patterns=(Unstructured,),
-                                  options=RandomSearchOptions, values=options, allocation=allocation,
+                                  options=RandomSearchOptions, values=option_values(options, kwargs), allocation=allocation,
                                   include=include, exclude=exclude)
     if opts.candidates < 1:
         raise SpecError("random_search needs candidates >= 1")
@@ -116,6 +116,13 @@ def random_search(model: nn.Module, optimizer, spec: SparsitySpec | str | float,
     return sp
 
 
+def _run_args(plan: RunPlan, opts: RandomSearchOptions) -> dict[str, Any]:
+    """The trainer's short-train-and-validate scorer is this method's ``score_fn``."""
+    if plan.scorer is None:
+        raise SpecError("random_search needs a scorer (a trainer that can short-train candidates)")
+    return {"score_fn": plan.scorer()}
+
+
 register(TrainingMethod("random_search", random_search, RandomSearchOptions,
                         "Random Search as a Baseline for Sparse Neural Network Architecture Search (2024)",
-                        needs_score=True))
+                        run_args=_run_args))

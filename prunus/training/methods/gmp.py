@@ -8,15 +8,15 @@ compression" (ICLR workshop 2018), eq. 1. The window is given as fractions of tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
+from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import cubic
-from prunus.training.sparsifier import Sparsifier, layer_budgets, mask_from_scores, prepare
+from prunus.training.sparsifier import Sparsifier, layer_budgets, magnitude, mask_from_scores, option_values, prepare
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class GMPOptions:
 
 def gmp(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,
         seed: int = 0, allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (), **options) -> Sparsifier:
+        exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Gradual magnitude pruning (Zhu & Gupta 2017): |W| top-k with a cubic sparsity ramp.
 
     Every ``frequency`` steps in ``[start, end] * total_steps`` each layer is pruned to
@@ -46,7 +46,7 @@ def gmp(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
         >>> sp = prunus.training.gmp(model, opt, "90%", total_steps=5000, start=0.25, end=0.75)
     """
     targets, spec, opts = prepare(model, spec, method="gmp", patterns=(Unstructured, Block, Channel),
-                                  options=GMPOptions, values=options, allocation=allocation,
+                                  options=GMPOptions, values=option_values(options, kwargs), allocation=allocation,
                                   include=include, exclude=exclude)
     final = layer_budgets(targets, spec)
     masks = {t.name: torch.ones_like(t.weight, dtype=torch.bool) for t in targets}
@@ -61,7 +61,7 @@ def gmp(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
             s_l = final[t.name] * s_t / spec.sparsity if spec.sparsity > 0 else 0.0
             w = t.weight.detach()
             # Pruned weights score -1 so they are pruned first: masks only ever shrink.
-            scores = torch.where(sp.masks[t.name], w.abs().float(), torch.full_like(w, -1.0, dtype=torch.float))
+            scores = torch.where(sp.masks[t.name], magnitude(w), torch.full_like(w, -1.0, dtype=torch.float))
             sp.masks[t.name] = mask_from_scores(scores, s_l, spec.pattern, t.name)
 
     return Sparsifier(model, optimizer, targets, masks, spec=spec, method="gmp",

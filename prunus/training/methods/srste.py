@@ -12,15 +12,15 @@ the dense weights stay in the optimizer and ``sparsifier.squash()`` bakes the fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunus.core.spec import NM, SparsitySpec
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import Sparsifier, mask_from_scores, prepare
+from prunus.training.registry import TrainingMethod, register
+from prunus.training.sparsifier import Sparsifier, magnitude, mask_from_scores, option_values, prepare
 
 
 class _SRSTE(torch.autograd.Function):
@@ -51,7 +51,7 @@ class SRSTEMask(nn.Module):
         self.pattern, self.lam, self.name = pattern, lam, name
 
     def forward(self, weight: Tensor) -> Tensor:
-        keep = mask_from_scores(weight.detach().abs(), 0.0, self.pattern, self.name)
+        keep = mask_from_scores(magnitude(weight), 0.0, self.pattern, self.name)
         return srste_apply(weight, keep, self.lam)
 
 
@@ -66,7 +66,7 @@ class SRSTEOptions:
 
 def srste(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps: int = 0, seed: int = 0,
           allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-          exclude: Sequence[str] = (), **options) -> Sparsifier:
+          exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """SR-STE N:M training from scratch (Zhou et al. 2021). ``spec`` must be N:M (``"2:4"``).
 
     Example:
@@ -74,7 +74,8 @@ def srste(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps:
         >>> ...; sp.squash()   # weights now hold the 2:4 pattern, parametrization removed
     """
     targets, spec, opts = prepare(model, spec, method="srste", patterns=(NM,), options=SRSTEOptions,
-                                  values=options, allocation=allocation, include=include, exclude=exclude)
+                                  values=option_values(options, kwargs), allocation=allocation,
+                                  include=include, exclude=exclude)
     for t in targets:
         mask_from_scores(t.weight.detach(), 0.0, spec.pattern, t.name)  # divisibility, before touching
     for t in targets:
@@ -82,9 +83,9 @@ def srste(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps:
 
     def current(sp: Sparsifier, step: int) -> None:
         for t in sp.targets:
-            sp.masks[t.name] = mask_from_scores(t.weight.detach().abs(), 0.0, spec.pattern, t.name)
+            sp.masks[t.name] = mask_from_scores(magnitude(t.weight), 0.0, spec.pattern, t.name)
 
-    masks = {t.name: mask_from_scores(t.weight.detach().abs(), 0.0, spec.pattern, t.name) for t in targets}
+    masks = {t.name: mask_from_scores(magnitude(t.weight), 0.0, spec.pattern, t.name) for t in targets}
     return Sparsifier(model, optimizer, targets, masks, spec=spec, method="srste", total_steps=total_steps,
                       update=current, seed=seed, apply_to_weights=False)
 

@@ -8,13 +8,14 @@ Lottery: Making All Tickets Winners" (ICML), sec. 3.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
 from prunus.core.spec import NM, Block, Channel, SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
+from prunus.training.registry import TrainingMethod, register
+from prunus.training.sparsifier import (Sparsifier, layer_budgets, option_values, prepare, random_masks,
+                                        sparse_init)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class StaticOptions:
 
 def static(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int = 0,
            seed: int = 0, allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-           exclude: Sequence[str] = (), **options) -> Sparsifier:
+           exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """Random mask at initialisation, trained sparse (Liu et al. 2022; ERK: Evci et al. 2020).
 
     Args:
@@ -39,7 +40,7 @@ def static(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, tot
         >>> sp = prunus.training.static(model, opt, "95%", allocation="erk")
     """
     targets, spec, _ = prepare(model, spec, method="static", patterns=(Unstructured, NM, Block, Channel),
-                               options=StaticOptions, values=options, allocation=allocation,
+                               options=StaticOptions, values=option_values(options, kwargs), allocation=allocation,
                                include=include, exclude=exclude)
     masks = random_masks(targets, layer_budgets(targets, spec), spec.pattern, seed)
     sparse_init(targets, masks)

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from prunus.errors import PrunusError
 from prunus.core.spec import SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
+from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import cosine_decay
-from prunus.training.sparsifier import Sparsifier, generator, layer_budgets, prepare, random_masks, sparse_init
+from prunus.training.sparsifier import (Sparsifier, generator, layer_budgets, magnitude, option_values, prepare,
+                                        random_masks, sparse_init)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def drop_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, fraction: float
     if k <= 0:
         return mask.clone()
     inf = torch.tensor(float("inf"))
-    drop_scores = torch.where(flat, weight.detach().reshape(-1).abs().float(), inf)
+    drop_scores = torch.where(flat, magnitude(weight).reshape(-1), inf)
     new = flat.clone()
     new[torch.sort(drop_scores, stable=True).indices[:k]] = False
     g = torch.where(new, -inf, grow_scores.detach().reshape(-1).float())
@@ -68,9 +69,10 @@ def drop_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, fraction: float
 
 
 def _dst(name: str, grow: str, model: nn.Module, optimizer, spec, *, total_steps: int, seed: int,
-         allocation: Optional[str], include, exclude, options: dict) -> Sparsifier:
+         allocation: Optional[str], include, exclude, options: Any) -> Sparsifier:
     targets, spec, opts = prepare(model, spec, method=name, patterns=(Unstructured,), options=DSTOptions,
-                                  values=options, allocation=allocation, include=include, exclude=exclude)
+                                  values=options, allocation=allocation,
+                                  include=include, exclude=exclude)
     masks = random_masks(targets, layer_budgets(targets, spec), spec.pattern, seed)
     sparse_init(targets, masks)
     end_step = opts.end * total_steps
@@ -105,19 +107,20 @@ def _dst(name: str, grow: str, model: nn.Module, optimizer, spec, *, total_steps
 
 def set_(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,
          allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-         exclude: Sequence[str] = (), **options) -> Sparsifier:
+         exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """SET (Mocanu et al. 2018): magnitude drop, random grow, every ``delta_t`` steps.
 
     Example:
         >>> sp = prunus.training.set(model, opt, "90%", total_steps=5000, allocation="erk")
     """
     return _dst("set", "random", model, optimizer, spec, total_steps=total_steps, seed=seed,
-                allocation=allocation, include=include, exclude=exclude, options=options)
+                allocation=allocation, include=include, exclude=exclude,
+                options=option_values(options, kwargs))
 
 
 def rigl(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,
          allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-         exclude: Sequence[str] = (), **options) -> Sparsifier:
+         exclude: Sequence[str] = (), options: Any = None, **kwargs) -> Sparsifier:
     """RigL (Evci et al. 2020): magnitude drop, grow where |grad| is largest among inactive weights.
 
     The gradient read is the one of the step just taken (``w.grad`` after ``optimizer.step()``);
@@ -127,7 +130,8 @@ def rigl(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total
         >>> sp = prunus.training.rigl(model, opt, "90%", total_steps=5000, delta_t=100, alpha=0.3)
     """
     return _dst("rigl", "gradient", model, optimizer, spec, total_steps=total_steps, seed=seed,
-                allocation=allocation, include=include, exclude=exclude, options=options)
+                allocation=allocation, include=include, exclude=exclude,
+                options=option_values(options, kwargs))
 
 
 register(TrainingMethod("set", set_, DSTOptions,

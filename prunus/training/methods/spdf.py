@@ -11,14 +11,15 @@ when moving from the pre-training corpus to the fine-tuning one).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
 from prunus.errors import SpecError
 from prunus.core.spec import SparsitySpec, Unstructured
-from prunus.training import TrainingMethod, register
-from prunus.training.sparsifier import Sparsifier, layer_budgets, prepare, random_masks, sparse_init
+from prunus.training.registry import RunPlan, TrainingMethod, register
+from prunus.training.sparsifier import (Sparsifier, layer_budgets, option_values, prepare, random_masks,
+                                        sparse_init)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class SPDFOptions:
 
 def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,
          allocation: Optional[str] = None, include: Optional[Sequence[str]] = None,
-         exclude: Sequence[str] = (), release_step: Optional[int] = None, **options) -> Sparsifier:
+         exclude: Sequence[str] = (), release_step: Optional[int] = None, options: Any = None, **kwargs) -> Sparsifier:
     """Sparse pre-training with a static random mask, then dense fine-tuning (Thangarasa et al. 2023).
 
     ``release_step`` (an integer step, overriding ``dense_from``) releases the mask once
@@ -42,7 +43,8 @@ def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total
         >>> sp = prunus.training.spdf(model, opt, "75%", total_steps=4000, dense_from=0.75)
     """
     targets, spec, opts = prepare(model, spec, method="spdf", patterns=(Unstructured,), options=SPDFOptions,
-                                  values=options, allocation=allocation, include=include, exclude=exclude)
+                                  values=option_values(options, kwargs), allocation=allocation,
+                                  include=include, exclude=exclude)
     masks = random_masks(targets, layer_budgets(targets, spec), spec.pattern, seed)
     sparse_init(targets, masks)
     if release_step is not None and release_step < 0:
@@ -58,5 +60,18 @@ def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total
                       update=update, seed=seed)
 
 
+def _check(opts: SPDFOptions, plan: RunPlan) -> None:
+    """With a fine-tuning corpus the mask is released at the switch: ``dense_from`` has no say."""
+    if plan.two_phase and "dense_from" in plan.given:
+        raise SpecError("spdf with a fine-tuning corpus releases its mask at the corpus switch; "
+                        "drop the dense_from option")
+
+
+def _run_args(plan: RunPlan, opts: SPDFOptions) -> dict[str, Any]:
+    """Dense fine-tuning on the second corpus: release the mask at the first step on it."""
+    return {"release_step": plan.switch_step} if plan.switch_step is not None else {}
+
+
 register(TrainingMethod("spdf", spdf, SPDFOptions,
-                        "Thangarasa et al. 2023, SPDF: Sparse Pre-training and Dense Fine-tuning (UAI)"))
+                        "Thangarasa et al. 2023, SPDF: Sparse Pre-training and Dense Fine-tuning (UAI)",
+                        check=_check, run_args=_run_args))
