@@ -36,7 +36,7 @@ def _nll_chunked(model: nn.Module, ids: Tensor, chunk: int) -> Optional[tuple[fl
     cfg = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or any(getattr(cfg, a, None) for a in _HEAD_EXTRAS):
         return None
-    from prunus.oneshot.calibrate import inputs_of
+    from prunus.core.capture import inputs_of
 
     got = inputs_of(head, lambda: model(input_ids=ids, use_cache=False))
     h = got[0][0] if got and got[0] else None

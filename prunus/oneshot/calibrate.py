@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from prunus.errors import ModelError
 from prunus.core.stats import DENSE_STATS, LayerStats, layer_seed
+from prunus.core.capture import inputs_of
 from prunus.core.targets import Target
 
 OnLayer = Callable[[Target, LayerStats], None]
@@ -61,32 +62,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best[2] is None:
         raise ModelError(f"{type(model).__name__}: found no list of transformer blocks to calibrate")
     return best[1], best[2]
-
-
-class _Stop(Exception):
-    pass
-
-
-def inputs_of(module: nn.Module, run: Callable[[], Any]) -> Optional[tuple[tuple, dict]]:
-    """The (args, kwargs) ``module`` is called with when ``run()`` runs, stopping the forward there.
-
-    Everything after ``module`` (later blocks, a 49k-vocabulary head) is never computed. Returns
-    None if ``run`` never reaches ``module``.
-    """
-    got: list[tuple[tuple, dict]] = []
-
-    def grab(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append((args, kwargs))
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0] if got else None
 
 
 @dataclass
