@@ -304,6 +304,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
+        if "transformers" in sys.modules:  # imported already (in-process use): tell it directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except PrunusError as e:

@@ -26,6 +26,7 @@ from prunus.oneshot.calibrate import block_index, find_blocks, run_blockwise
 from prunus.oneshot.plan import PrunePlan, make_plan
 from prunus.oneshot.steps import BlockContext
 from prunus.errors import DataError, ModelError, SparsityCheckError
+from prunus.core.finite import check_finite
 from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
 from prunus.core.spec import Block, Channel, SparsitySpec
 from prunus.core.stats import LayerStats, weight_only_stats
@@ -185,7 +186,8 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     spec, meth, ref = plan.spec, plan.method, plan.refiner
     for t in targets:
         check_divisible(t.shape, spec.pattern, t.name)
-    check_weights_finite(targets)
+    check_weights_finite(targets)  # the targets first, with the layer's name, then everything else
+    check_finite(model)
     if plan.calibrated and calib is None:
         raise DataError(f"{plan.needs_calibration_by()} needs calibration data (calib token windows)")
     if calib is not None and calib.ndim != 2:

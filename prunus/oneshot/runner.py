@@ -23,6 +23,7 @@ from prunus.evaluate import peak_rss_mb, perplexity
 from prunus.oneshot.pipeline import PruneResult, prune_targets
 from prunus.oneshot.plan import make_plan
 from prunus.core.spec import SparsitySpec
+from prunus.core.finite import check_finite
 from prunus.core.targets import select
 
 Log = Callable[[str], None]
@@ -74,6 +75,7 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer = load_model(job.model)
     log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
+    check_finite(model, job.model)  # before any window is cut or any layer pruned
     calib, ev = _windows(job, tokenizer)
     if calib is not None:
         log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens from {job.calib}")
