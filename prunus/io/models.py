@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from prunus.io.cache import cache_root
+from prunus.io.checks import check_device, check_loaded, quiet_loading
 from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]
@@ -128,25 +129,6 @@ def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
     return model
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` parsed and present, before any work: ``cuda`` without CUDA, ``tpu9`` or ``cuda:7``
-    on a one-GPU machine is a one-line ModelError, not a late AssertionError."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ModelError(f"invalid device {str(device)!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ModelError(f"unsupported device {str(device)!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError(f"device {str(device)!r} requested but CUDA is not available on this "
-                             f"machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s)")
-    return dev
-
-
 def describe(model: nn.Module) -> dict[str, Any]:
     """A short summary of a loaded model.
 
@@ -227,26 +209,16 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn
     """A causal LM if the config has one, else the base model; safetensors or GGUF only."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
-                                                           **kwargs)
-    except ValueError as e:
-        if "Unrecognized configuration class" not in str(e):
-            raise
-        model, info = AutoModel.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
+    with quiet_loading():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
+                                                               **kwargs)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            model, info = AutoModel.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
     check_loaded(info, kwargs.get("gguf_file") or where)
     return model
-
-
-def check_loaded(info: Any, where: Any) -> None:
-    """Every weight came from the files: transformers' loading info lists no missing (randomly
-    initialised) or mismatched tensor; tied weights (lm_head tied to the embedding) are not missing."""
-    missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
-                                                            for k in info.get("mismatched_keys") or ()})
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelError(f"{where} lacks {len(missing)} tensor(s) the model needs ({', '.join(missing[:3])}"
-                         f"{more}); they would be random: restore the files or re-save the model")
 
 
 def _tokenizer(where: str | Path, **kwargs: Any) -> Any:

@@ -40,6 +40,7 @@ from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_c
                                     write_manifest)
 from prunus.export.tensors import (dense_safetensors_bytes, dtype_name, main_dtype, masks_by_module,
                                    plain_config, resolve_masks, unique_state)
+from prunus.io.checks import quiet_loading
 from prunus.io.fsutil import atomic_dir, check_out_dir
 from prunus.core.masks import pack, unpack
 
@@ -152,7 +153,8 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+        with quiet_loading():
+            model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except Exception as e:  # transformers raises many types (config validation among them)
         raise CheckpointError(f"{folder} could not be loaded: {error_line(e)}") from None
     missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
