@@ -42,7 +42,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 def read_only_weight(module: nn.Module) -> bool:
     """A linear whose ``weight`` is a computed, read-only dense view (a sparse kernel module,
     :class:`prunus.kernels.SparseLinear`): it is read like an nn.Linear, but cannot be pruned in place."""
-    return isinstance(getattr(type(module), "weight", None), property) and hasattr(module, "in_features")
+    return (isinstance(getattr(type(module), "weight", None), property) and callable(getattr(module, "dense_weight", None))
+            and not hasattr(module, "parametrizations"))
 
 
 def is_prunable(module: nn.Module, kinds: tuple[type, ...] = LINEAR) -> bool:
