@@ -108,6 +108,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prunus.kernels.runtime import bench_model
     from prunus.oneshot.runner import write_json
 
+    if args.json:
+        from prunus.io.fsutil import check_out_file
+
+        check_out_file(args.json)  # before anything is loaded or timed
     res = bench_model(args.model, device=args.device, tokens=_tokens(args.tokens), threads=args.threads,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       log=lambda s: print(s, file=sys.stderr))
@@ -225,16 +229,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from prunus.io import data
     from prunus.evaluate import count_zeros, peak_rss_mb, perplexity
-    from prunus.io.models import load_model
+    from prunus.io.models import check_device, load_model
     from prunus.oneshot.runner import write_json
 
     _at_least(seqlen=(args.seqlen, 2), windows=(args.windows, 1), batch_size=(args.batch_size, 1))
+    check_device(args.device)
     if args.json:
         from prunus.io.fsutil import check_out_file
 
         check_out_file(args.json)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, runtime="auto")  # as it runs: the stored kernel plan applied
     ids = data.tokenize(data.resolve_text(args.text), tok)
     windows = data.eval_windows(ids, args.seqlen, args.windows)
     model.to(args.device)

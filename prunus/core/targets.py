@@ -39,9 +39,23 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def read_only_weight(module: nn.Module) -> bool:
+    """A linear whose ``weight`` is a computed, read-only dense view (a sparse kernel module,
+    :class:`prunus.kernels.SparseLinear`): it is read like an nn.Linear, but cannot be pruned in place."""
+    return (isinstance(getattr(type(module), "weight", None), property) and callable(getattr(module, "dense_weight", None))
+            and not hasattr(module, "parametrizations"))
+
+
 def is_prunable(module: nn.Module, kinds: tuple[type, ...] = LINEAR) -> bool:
-    """Modules of ``kinds`` (default: nn.Linear) or GPT-2's Conv1D, with a weight."""
-    return (isinstance(module, kinds) or _is_conv1d(module)) and getattr(module, "weight", None) is not None
+    """Modules of ``kinds`` (default: nn.Linear), GPT-2's Conv1D or (for linears) a sparse kernel
+    module with a read-only dense ``weight``."""
+    kind = isinstance(module, kinds) or _is_conv1d(module) or (nn.Linear in kinds and read_only_weight(module))
+    return kind and getattr(module, "weight", None) is not None
+
+
+def _identity(module: nn.Module) -> int:
+    """What tied weights share: the parameter; for a computed weight (rebuilt on each access), the module."""
+    return id(module) if read_only_weight(module) else id(parameter(module))
 
 
 def parameter(module: nn.Module) -> Tensor:
@@ -77,6 +91,9 @@ class Target:
     @torch.no_grad()
     def set(self, weight: Tensor) -> None:
         """Write an (out, in) weight back in place, in the module's dtype and layout."""
+        if read_only_weight(self.module):
+            raise SpecError(f"{self.name} runs on a sparse kernel and its weight is read-only; load the "
+                            f"checkpoint with runtime='dense' (prunus.load(path, runtime='dense')) to prune it")
         w = self.module.weight.data
         w.copy_(weight.t() if self.transposed else weight)
 
@@ -108,14 +125,14 @@ def select(model: nn.Module, include: Iterable[str] = ("*",),
     # weights tied to an excluded module (lm_head tied to the embedding) stay excluded everywhere
     for name, module in model.named_modules():
         if _match(name, exclude) and getattr(module, "weight", None) is not None:
-            seen.add(id(parameter(module)))
+            seen.add(_identity(module))
     out = []
     for name, module in model.named_modules():
         if (not name and not root) or not is_prunable(module, kinds):
             continue
-        if not _match(name, include) or _match(name, exclude) or id(parameter(module)) in seen:
+        if not _match(name, include) or _match(name, exclude) or _identity(module) in seen:
             continue
-        seen.add(id(parameter(module)))
+        seen.add(_identity(module))
         out.append(Target(name, module, transposed=_is_conv1d(module)))
     if not out:
         raise SpecError(f"no prunable layers match include={list(include)} exclude={list(exclude)}")

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from prunus.export.manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, ExportInfo, check_checkpoint_path,
                                     read_manifest)
-from prunus.export.registry import (FORMATS, Format, detect_format, format_names, get_format, load_formats,
+from prunus.export.registry import (FORMATS, Format, check_manifest_present, detect_format, format_names, get_format, load_formats,
                                     register_format, unregister_format)
 from prunus.export.tensors import unique_state
 
@@ -110,7 +110,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 __all__ = [
     "ExportInfo", "Format", "FORMATS", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "save", "load",
-    "load_masks", "read_metadata", "read_manifest", "detect_format", "check_checkpoint_path",
+    "load_masks", "read_metadata", "read_manifest", "detect_format", "check_manifest_present", "check_checkpoint_path",
     "format_names", "get_format", "register_format", "unregister_format", "unique_state",
 ]
 

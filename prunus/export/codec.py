@@ -21,7 +21,7 @@ from torch import Tensor
 
 from prunus.errors import CheckpointError
 from prunus.export import floatcode
-from prunus.export.manifest import FORMAT_VERSION, WEIGHTS, check_checkpoint_path
+from prunus.export.manifest import WEIGHTS, check_checkpoint_path, check_format_version
 from prunus.export.tensors import parse_dtype, sha256_tensor
 from prunus.core.masks import pack, unpack
 
@@ -128,10 +128,7 @@ class Reader:
                 raise ValueError("the manifest lists no tensors")
         except (KeyError, ValueError) as e:
             raise self.corrupt(e) from None
-        version = self.manifest.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{file} was written by a newer prunus (format version {version}; this "
-                                  f"one reads up to {FORMAT_VERSION}); upgrade prunus to load it")
+        check_format_version(self.manifest.get("format_version", 1), file)
 
     def _open(self) -> None:
         try:

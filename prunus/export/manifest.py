@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +50,14 @@ class ExportInfo:
     def ratio(self) -> float:
         """``bytes / dense_bytes``: below 1 means the checkpoint is smaller than a dense one."""
         return self.bytes / max(1, self.dense_bytes)
+
+
+def error_line(e: BaseException) -> str:
+    """One line saying what ``e`` says: its first line, or the first two when the first is only a
+    heading ending in ``:`` (validation errors), without a leading ``ValueError:``-style name."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return re.sub(r"\b[A-Z]\w*(Error|Exception): ", "", text).rstrip(".")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -106,7 +115,23 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{f} is corrupt: {e}; re-export the checkpoint") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{f} is corrupt: expected a JSON object; re-export the checkpoint")
+    if "format_version" in doc:
+        check_format_version(doc["format_version"], f)
     return doc
+
+
+def check_format_version(version: Any, where: Any) -> None:
+    """A format version must be a positive integer this prunus reads (up to :data:`FORMAT_VERSION`).
+
+    Raises:
+        CheckpointError: a malformed version (``"2"``, ``2.0``, ``true``, ``-1``), or a newer one.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where} has a malformed format_version {version!r} (expected a positive "
+                              f"integer); the file was edited or damaged: re-export the checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where} was written by a newer prunus (format version {version}; this "
+                              f"one reads up to {FORMAT_VERSION}); upgrade prunus to load it")
 
 
 def _looks_like_pickle(path: Path) -> bool:

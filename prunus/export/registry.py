@@ -88,6 +88,23 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+def check_manifest_present(path: str | os.PathLike[str]) -> None:
+    """A folder that prunus wrote (a masks file, or a compressed ``model.safetensors``) must still
+    have its ``prunus.json``: without it, it is not a plain transformers folder either.
+
+    Raises:
+        CheckpointError: ``prunus.json`` is missing from a prunus checkpoint folder.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or (folder / MANIFEST).exists():
+        return
+    compressed = FORMATS.get("compressed")
+    marks = [n for n in ("masks.safetensors",) if (folder / n).exists()]
+    if marks or (compressed is not None and compressed.sniff is not None and compressed.sniff(folder)):
+        raise CheckpointError(f"{folder} is a prunus checkpoint but its {MANIFEST} is missing; restore it "
+                              f"from a backup or re-export the checkpoint")
+
+
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The format name of a checkpoint folder: from ``prunus.json``, else the first format (highest
     ``PRIORITY``) whose ``sniff`` recognises the folder (a plain transformers safetensors folder
@@ -99,6 +116,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     folder = check_checkpoint_path(path)
     manifest = read_manifest(folder)
     load_formats()
+    if not manifest:
+        check_manifest_present(folder)
     if manifest:
         fmt = manifest.get("format")
         if fmt not in FORMATS:
@@ -115,5 +134,5 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-__all__ = ["FORMATS", "Format", "detect_format", "format_names", "get_format", "load_formats",
+__all__ = ["FORMATS", "Format", "check_manifest_present", "detect_format", "format_names", "get_format", "load_formats",
            "register_format", "unregister_format"]

@@ -37,6 +37,21 @@ class OutputExistsError(PrunusError, FileExistsError):
     """The output path exists and ``overwrite`` was not given."""
 
 
+class WriteError(PrunusError, OSError):
+    """Writing an output failed (disk full, permission lost, I/O error); nothing was left behind."""
+
+
+def _write_error(e: BaseException, path: Path) -> BaseException:
+    """An OSError from a writer as a one-line :class:`WriteError` naming ``path``; others unchanged."""
+    if isinstance(e, OSError) and not isinstance(e, PrunusError):
+        why = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        err = WriteError(f"cannot write {path}: {why}; nothing was written (free some space or choose "
+                         f"another output path)")
+        err.errno = e.errno
+        return err
+    return e
+
+
 def _exists_message(path: Path) -> str:
     return f"{path} already exists; pass --overwrite to replace it"
 
@@ -186,7 +201,11 @@ def _make_parents(parent: Path) -> list[Path]:
     while not p.exists():
         created.append(p)
         p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(created)
+        raise _write_error(e, parent) from None
     return created
 
 
@@ -253,10 +272,13 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
         _fsync_tree(tmp)
         _commit(tmp, p, overwrite)
         _fsync_dir(p.parent)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
         _remove_empty(created)
-        raise
+        err = _write_error(e, p)
+        if err is e:
+            raise
+        raise err from None
 
 
 @contextlib.contextmanager
@@ -300,10 +322,13 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
             raise OutputExistsError(_exists_message(p))
         os.replace(tmp, p)
         _fsync_dir(p.parent)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
         _remove_empty(created)
-        raise
+        err = _write_error(e, p)
+        if err is e:
+            raise
+        raise err from None
 
 
 def write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:

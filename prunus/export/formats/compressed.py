@@ -64,7 +64,7 @@ from prunus.export import floatcode
 from prunus.export.codec import (BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
                                  VALUES, Reader, decode, decode_mask, encode, encoded_bytes,
                                  header_format, iter_state, weights_file)
-from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, folder_bytes, with_provenance,
+from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, error_line, folder_bytes, with_provenance,
                                     write_manifest)
 from prunus.export.manifest import read_manifest as read_json
 from prunus.export.tensors import (assign_tensor, dense_safetensors_bytes, dtype_name, main_dtype,
@@ -175,13 +175,13 @@ def _build(folder: Path, architecture: str | None, dtype: torch.dtype, device: t
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'config.json'} cannot be read: {str(e).splitlines()[0]}") from None
-    cls = getattr(transformers, architecture or "", None)
-    with _no_init(), device:
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls._from_config(config, dtype=dtype)
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        cls = getattr(transformers, architecture or "", None)
+        with _no_init(), device:
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                return cls._from_config(config, dtype=dtype)
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # transformers raises many types (config validation among them)
+        raise CheckpointError(f"{folder / 'config.json'} cannot be used: {error_line(e)}") from None
 
 
 def _tie(model: nn.Module, alias: str, source: str) -> None:

@@ -35,11 +35,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prunus.errors import CheckpointError
-from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_checkpoint_path,
+from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_checkpoint_path, error_line,
                                     folder_bytes, read_manifest, sha256_file, with_provenance,
                                     write_manifest)
 from prunus.export.tensors import (dense_safetensors_bytes, dtype_name, main_dtype, masks_by_module,
                                    plain_config, resolve_masks, unique_state)
+from prunus.io.checks import quiet_loading
 from prunus.io.fsutil import atomic_dir, check_out_dir
 from prunus.core.masks import pack, unpack
 
@@ -152,10 +153,16 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = cls.from_pretrained(str(folder), **kwargs)
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder} could not be loaded: {first}") from None
+        with quiet_loading():
+            model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    except Exception as e:  # transformers raises many types (config validation among them)
+        raise CheckpointError(f"{folder} could not be loaded: {error_line(e)}") from None
+    missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
+                                                            for k in info.get("mismatched_keys") or ()})
+    if missing:  # transformers initialised them at random: never a silent wrong model
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{folder} lacks {len(missing)} tensor(s) the model needs "
+                              f"({', '.join(missing[:3])}{more}); restore the files or re-export")
     return model.to(torch.device(device)).eval()
 
 
