@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -301,7 +302,13 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list, "train": cmd
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        # dotted overrides (key.sub=value) may also follow the flags of `prune`
+        late = [a for a in rest if re.match(r"^[A-Za-z_][\w.\-]*=", a)]
+        if rest != late or (late and args.command != "prune"):
+            parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in late or args.command != 'prune')}")
+        if late:
+            args.overrides = list(args.overrides) + late
     except SystemExit as e:  # --help (0) or a usage error (2, already printed on one line)
         return e.code if isinstance(e.code, int) else 2
     if not args.command:

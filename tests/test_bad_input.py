@@ -78,6 +78,8 @@ PRUNE = [
     (["--sparsity", "0.5,2:4", "--out", "{out}/ck"], "--out saves one model"),
     (["--sparsity", "0.5", "--format", "zip"], "unknown format 'zip'; choose compressed or dense"),
     (["--sparsity", "0.5", "--baselines", "dense,nope"], "unknown baseline"),
+    (["--sparsity", "0.5", "--device", "tpu9"], "tpu9"),
+    (["--sparsity", "0.5", "--device", "cuda:7"], "cuda"),
     (["--sparsity", "2:4", "--method", "sparsegpt", "--refine", "dsnot", "refine_options.nope=1"], "unknown option"),
 ]
 

@@ -32,6 +32,7 @@ from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
 from prunus.errors import SpecError
 from prunus.export import format_names
+from prunus.io.checks import check_device
 from prunus.oneshot.plan import make_plan, make_steps
 from prunus.oneshot.steps import StepRun
 
@@ -154,6 +155,8 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     for k in _INT_FIELDS | {"out", "json", "plot", "calib", "eval", "refine", "device", "format", "model"}:
         if k in d:
             d[k] = coerce(d[k], hints[k], k)
+    if d.get("device") is not None:
+        check_device(d["device"])  # cuda without CUDA, tpu9: refused before the model is loaded
     for k in ("out", "json", "plot"):
         if d.get(k) is not None and not str(d[k]).strip():
             raise SpecError(f"--{k} needs a path, got an empty string")
