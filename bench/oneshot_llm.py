@@ -8,7 +8,7 @@ are scored on the same first ``windows`` windows of ``--eval`` (``prunus.io.data
     bash scripts/setup.sh && bash bench/setup_peer.sh
     .venv/bin/python bench/oneshot_llm.py --json runs/oneshot_llm.json          # ~25 min on 2 cores
     .venv/bin/python bench/oneshot_llm.py --skip-peer --extra                   # prunus only, + beyond-peer configs
-    .venv/bin/python bench/oneshot_llm.py --skip-peer --only ria,wanda          # some methods only
+    .venv/bin/python bench/oneshot_llm.py --skip-peer --only ria --no-dense      # some methods only
 
 "seconds" is the one-shot time: calibration plus pruning, without model loading or evaluation.
 """
@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--skip-peer", action="store_true", help="prunus only")
     ap.add_argument("--extra", action="store_true", help="also the beyond-peer configurations")
     ap.add_argument("--only", help="comma-separated method names to run (default all)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args()
     if not a.skip_peer and not Path(PEER[0]).exists():
@@ -107,10 +108,11 @@ def main() -> int:
         return 2
     only = set(a.only.split(",")) if a.only else None
     rows = []
-    dense = prunus_dense(a)
-    rows.append({"tool": "prunus", "method": "dense", "spec": "-",
-                 **{k: dense.get(k) for k in ("perplexity", "sparsity", "peak_rss_mb", "error") if k in dense}})
-    print(f"dense ppl {fmt(dense.get('perplexity'))}", flush=True)
+    if not a.no_dense:
+        dense = prunus_dense(a)
+        rows.append({"tool": "prunus", "method": "dense", "spec": "-",
+                     **{k: dense.get(k) for k in ("perplexity", "sparsity", "peak_rss_mb", "error") if k in dense}})
+        print(f"dense ppl {fmt(dense.get('perplexity'))}", flush=True)
     for method, sp in BASE:
         if only and method not in only:
             continue
