@@ -8,6 +8,7 @@ are scored on the same first ``windows`` windows of ``--eval`` (``prunus.io.data
     bash scripts/setup.sh && bash bench/setup_peer.sh
     .venv/bin/python bench/oneshot_llm.py --json runs/oneshot_llm.json          # ~25 min on 2 cores
     .venv/bin/python bench/oneshot_llm.py --skip-peer --extra                   # prunus only, + beyond-peer configs
+    .venv/bin/python bench/oneshot_llm.py --skip-peer --only ria --no-dense      # some methods only
 
 "seconds" is the one-shot time: calibration plus pruning, without model loading or evaluation.
 """
@@ -23,11 +24,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRUNUS = [str(ROOT / ".venv/bin/python"), "-m", "prunus"]
+# this interpreter, on this checkout's code (a worktree without its own .venv runs its own prunus)
+PRUNUS = [sys.executable, "-m", "prunus"]
 PEER = [str(ROOT / ".venv-peer/bin/python"), str(ROOT / "bench/peer_llmcompressor.py")]
 
 BASE = [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
-        ("magnitude", "0.5"), ("magnitude", "2:4")]
+        ("ria", "0.5"), ("ria", "2:4"), ("magnitude", "0.5"), ("magnitude", "2:4")]
 # configurations that try to go past the peers with the same calibration budget
 # (method, spec, refiner, allocation[, block-reconstruction epochs])
 EXTRA = [("sparsegpt", "0.5", None, "uniform", 4), ("sparsegpt", "2:4", None, "uniform", 4),
@@ -39,7 +41,8 @@ EXTRA = [("sparsegpt", "0.5", None, "uniform", 4), ("sparsegpt", "2:4", None, "u
 
 
 def _run(cmd: list[str], js: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -97,6 +100,7 @@ def main() -> int:
     ap.add_argument("--skip-peer", action="store_true", help="prunus only")
     ap.add_argument("--extra", action="store_true", help="also the beyond-peer configurations")
     ap.add_argument("--only", help="comma-separated method names to run (default all)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args()
     if not a.skip_peer and not Path(PEER[0]).exists():
@@ -104,10 +108,11 @@ def main() -> int:
         return 2
     only = set(a.only.split(",")) if a.only else None
     rows = []
-    dense = prunus_dense(a)
-    rows.append({"tool": "prunus", "method": "dense", "spec": "-",
-                 **{k: dense.get(k) for k in ("perplexity", "sparsity", "peak_rss_mb", "error") if k in dense}})
-    print(f"dense ppl {fmt(dense.get('perplexity'))}", flush=True)
+    if not a.no_dense:
+        dense = prunus_dense(a)
+        rows.append({"tool": "prunus", "method": "dense", "spec": "-",
+                     **{k: dense.get(k) for k in ("perplexity", "sparsity", "peak_rss_mb", "error") if k in dense}})
+        print(f"dense ppl {fmt(dense.get('perplexity'))}", flush=True)
     for method, sp in BASE:
         if only and method not in only:
             continue

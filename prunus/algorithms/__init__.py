@@ -115,15 +115,25 @@ def refiner(name: str, *, needs: Iterable[str] = (), options: type = NoOptions,
 
 
 _loaded = False
+_PROVIDERS: list[Callable[[], None]] = []
+
+
+def add_provider(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on every :func:`load_all`: it registers methods made from another registry
+    (:mod:`prunus.algorithms.oneshot` turns criteria registered at any time into methods)."""
+    _PROVIDERS.append(fn)
 
 
 def load_all() -> None:
-    """Import every module of this package once so that all registrations have run."""
+    """Import every module of this package once so that all registrations have run, then let the
+    providers add methods for anything registered since (a criterion defined in a test or plugin)."""
     global _loaded
     if not _loaded:
         _loaded = True
         for mod in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{mod.name}")
+    for provide in _PROVIDERS:
+        provide()
 
 
 def get_method(name: str) -> Method:
