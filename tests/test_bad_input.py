@@ -156,7 +156,7 @@ def test_nan_in_a_tensor_that_is_not_pruned(capsys, tmp_path, tiny_tokenizer, te
         prune(m, SparsitySpec.parse("0.5"), "magnitude", progress=False)
 
 
-@pytest.mark.parametrize("method,threads_free", [("magnitude", True), ("wanda", True), ("sparsegpt", False)])
+@pytest.mark.parametrize("method,threads_free", [("magnitude", True), ("wanda", True), ("ria", True), ("sparsegpt", False)])
 def test_determinism_contract(tiny_tokenizer, method, threads_free):
     """Same seed and thread count: identical masks, for every method. Across thread counts only the
     score-then-select methods are identical (SparseGPT's float32 Hessian sums depend on the BLAS
