@@ -229,13 +229,6 @@ def test_2_4_int4_checkpoint_is_small(tmp_path, one_thread):
     assert q.bytes / fp32.bytes < 0.12  # measured 0.115: norms, int8 embedding, header
 
 
-def test_unquantized_checkpoints_keep_format_version_2(tmp_path):
-    model = make_tiny_llama()
-    r = prune(model, SparsitySpec.parse("2:4"), "magnitude", progress=False)
-    export.save(model, tmp_path / "p", masks=r.masks)
-    assert json.loads((tmp_path / "p" / "prunus.json").read_text())["format_version"] == 2
-
-
 def test_a_weight_off_its_codes_is_refused(tmp_path):
     model = make_tiny_llama()
     r = prune(model, SparsitySpec.parse("2:4+int8"), "magnitude", progress=False)

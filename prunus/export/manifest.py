@@ -21,7 +21,7 @@ from prunus.errors import CheckpointError
 
 MANIFEST = "prunus.json"
 FORMAT_VERSION = 3  # 2: floating-point values may be coded (prunus.export.floatcode); 3: quantized
-# weights (prunus.export.qcodec). A checkpoint records the lowest version that reads it.
+# weights (prunus.export.qcodec).
 WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

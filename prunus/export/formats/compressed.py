@@ -23,7 +23,7 @@ embedding) are stored once and re-tied on load. Nothing is ever unpickled.
 A weight quantized by the pipeline (a ``+int8``/``+int4`` spec; ``save(quant=PruneResult.quant)``)
 is stored as mask bits + packed integer codes + scales (and zero points) instead
 (``"encoding": "quant"``, :mod:`prunus.export.qcodec`); it loads as the same float weight, bit for
-bit. Such a checkpoint says format version 3; one without quantized weights still says 2.
+bit. Checkpoints now say format version 3; version-2 ones still load.
 
 The encoding and the verified reader are in :mod:`prunus.export.codec`.
 
@@ -157,7 +157,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
 
     cfg = plain_config(model, dtype)
     manifest = {
-        "format": NAME, "format_version": FORMAT_VERSION if qkeys else 2,
+        "format": NAME, "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__ if cfg is not None else None,
         "dtype": dtype_name(dtype) if dtype is not None else None,
         "metadata": meta, "tensors": layout, "tied": tied,
