@@ -45,6 +45,9 @@ class Method:
         options: frozen dataclass type of the method's options.
         patterns: pattern types supported.
         paper: citation.
+        quantizes: the method quantizes the kept weights itself when given ``quant=`` (a
+            :class:`~prunus.core.spec.Quant`) and then returns ``(weight, keep, QuantizedWeight)``;
+            otherwise the pipeline rounds its result to nearest (:func:`prunus.core.quant.rtn`).
     """
 
     name: str
@@ -53,6 +56,7 @@ class Method:
     options: type
     patterns: tuple[type, ...]
     paper: str
+    quantizes: bool = False
 
     def check_pattern(self, pattern: Pattern) -> None:
         if not isinstance(pattern, self.patterns):
@@ -87,14 +91,15 @@ def _check_needs(name: str, needs: Iterable[str]) -> frozenset[str]:
 
 
 def method(name: str, *, needs: Iterable[str] = (), options: type = NoOptions,
-           patterns: tuple[type, ...] = ALL_PATTERNS, paper: str = "") -> Callable[[PruneFn], PruneFn]:
+           patterns: tuple[type, ...] = ALL_PATTERNS, paper: str = "",
+           quantizes: bool = False) -> Callable[[PruneFn], PruneFn]:
     """Register a pruning method. A duplicate name raises."""
     needs = _check_needs(name, needs)
 
     def deco(fn: PruneFn) -> PruneFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = Method(name, fn, needs, options, patterns, paper)
+        METHODS[name] = Method(name, fn, needs, options, patterns, paper, quantizes)
         return fn
 
     return deco

@@ -10,6 +10,23 @@ Grammar accepted by :func:`parse_sparsity`::
     4x4@0.5 | 8x1@50%                   blocks of RxC weights, pruned whole, at a ratio
     channel@0.3                         whole output channels (rows of the weight), at a ratio
 
+A sparsity may be followed by a weight quantization, ``SPARSITY+QUANT`` (:func:`parse_spec`)::
+
+    QUANT   := "int" BITS [ "g" GROUP | "c" ] [ "z" ]
+    BITS    := 8 | 4
+    GROUP   := a power of two from 8 to 4096: scales are shared by GROUP consecutive inputs of a
+               row; without it int8 has one scale per output channel and int4 groups of 128
+    c       := one scale per output channel (spelled out only where it is not the default: int4c)
+    z       := asymmetric: unsigned codes with an integer zero point per scale (default symmetric:
+               signed codes, no zero point)
+
+    2:4+int8   50%+int4   0.5+int4g64   4:8+int4g128z   0+int8   int8 (= 0+int8: dense, quantized)
+
+Only the kept weights are quantized (:mod:`prunus.core.quant`); pruned weights stay exactly 0.
+Anything else after ``+`` (``int3``, ``int4g0``, ``int8g7``, ``fp8``, ``int8a``) is a SpecError.
+``str(spec)`` writes the canonical form, which parses back to an equal spec; a spec without
+``+QUANT`` is exactly what it was before quantization existed (``quant`` is None).
+
 Example:
     >>> parse_sparsity("2:4")
     (NM(n=2, m=4), 0.5)
@@ -22,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from prunus.errors import SpecError
 
@@ -136,6 +153,79 @@ def format_sparsity(pattern: Pattern, sparsity: float) -> str:
     return f"{sparsity:g}"
 
 
+QUANT_BITS = (8, 4)
+DEFAULT_GROUP = {8: None, 4: 128}  # int8: per output channel; int4: groups of 128 inputs
+_QUANT_RE = re.compile(r"^int(?P<bits>\d+)(?:g(?P<group>\d+))?(?P<z>z)?$")
+
+
+@dataclass(frozen=True)
+class Quant:
+    """Round-to-grid weight quantization of the kept weights.
+
+    Attributes:
+        bits: 8 or 4.
+        group: inputs per scale along a row (a power of two, 8..4096), or None for one scale per
+            output channel.
+        symmetric: True: signed codes ``q`` in [-2^(b-1), 2^(b-1)-1], value ``scale * q``; False:
+            unsigned codes in [0, 2^b - 1] with an integer zero point ``z``, value ``scale * (q - z)``.
+    """
+
+    bits: int
+    group: Optional[int] = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS or isinstance(self.bits, bool):
+            raise SpecError(f"quantization supports int8 and int4, not int{self.bits}")
+        g = self.group
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 8 or g > 4096
+                              or g & (g - 1)):
+            raise SpecError(f"quantization group must be a power of two from 8 to 4096, got g{g}")
+
+    def __str__(self) -> str:
+        g = "" if self.group == DEFAULT_GROUP[self.bits] else \
+            "c" if self.group is None else f"g{self.group}"
+        return f"int{self.bits}{g}{'' if self.symmetric else 'z'}"
+
+
+def parse_quant(text: str) -> Quant:
+    """Parse ``int8``, ``int4g64``, ``int4g128z`` (``c``: per channel, only where not the default)."""
+    s = str(text).strip().lower()
+    per_channel = False
+    core = s[:-1] if s.endswith("z") else s
+    if core.endswith("c") and "g" not in core:
+        per_channel, s = True, core[:-1] + ("z" if s.endswith("z") else "")
+    m = _QUANT_RE.match(s)
+    if m is None:
+        hint = " (activation quantization is not supported; zero points are 'z')" if s.endswith("a") else ""
+        raise SpecError(f"invalid quantization {text!r}: expected int8 or int4, optionally gGROUP and z "
+                        f"(int4g64, int8z){hint}")
+    bits = int(m["bits"])
+    if bits not in QUANT_BITS:
+        raise SpecError(f"invalid quantization {text!r}: only int8 and int4 are supported")
+    if m["group"] is not None and per_channel:
+        raise SpecError(f"invalid quantization {text!r}: a group and per-channel 'c' exclude each other")
+    group = None if per_channel else int(m["group"]) if m["group"] is not None else DEFAULT_GROUP[bits]
+    try:
+        return Quant(bits, group, m["z"] is None)
+    except SpecError as e:
+        raise SpecError(f"invalid quantization {text!r}: {e}") from None
+
+
+def parse_spec(text: str | float) -> tuple[Pattern, float, Optional[Quant]]:
+    """``"2:4+int8"`` -> ``(NM(2, 4), 0.5, Quant(8))``; without ``+`` the quant is None."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return (*parse_sparsity(text), None)
+    s = str(text).strip()
+    if s.lower().startswith("int"):
+        s = "0+" + s
+    head, plus, tail = s.partition("+")
+    if plus and "+" in tail:
+        raise SpecError(f"invalid sparsity {text!r}: at most one '+QUANT' (2:4+int8)")
+    pattern, sparsity = parse_sparsity(head)
+    return pattern, sparsity, parse_quant(tail) if plus else None
+
+
 @dataclass(frozen=True)
 class SparsitySpec:
     """What to prune to: a pattern, a target ratio over the targeted weights, and a layer budget.
@@ -147,11 +237,13 @@ class SparsitySpec:
         allocation: how the budget is split over layers; a name registered in :mod:`prunus.budgets`
             (checked against the registry where the spec is used: ``prunus.budgets.get``)
             (``uniform``, ``global``, ``erk``, ``owl``).
+        quant: optional :class:`Quant` of the kept weights (``2:4+int8``); None: float weights.
     """
 
     pattern: Pattern
     sparsity: float
     allocation: str = "uniform"
+    quant: Optional[Quant] = None
 
     def __post_init__(self) -> None:
         parse_ratio(self.sparsity)
@@ -165,13 +257,17 @@ class SparsitySpec:
                 )
         if not isinstance(self.allocation, str) or not self.allocation:
             raise SpecError(f"allocation must be a budget name, got {self.allocation!r}")
+        if self.quant is not None and not isinstance(self.quant, Quant):
+            raise SpecError(f"quant must be a Quant, got {self.quant!r}")
 
     @classmethod
     def parse(cls, text: str | float, allocation: str = "uniform") -> "SparsitySpec":
-        """Build a spec from a sparsity string (see :func:`parse_sparsity`) and an allocation name."""
-        pattern, sparsity = parse_sparsity(text)
-        return cls(pattern, sparsity, allocation)
+        """Build a spec from ``SPARSITY[+QUANT]`` (see :func:`parse_spec`) and an allocation name."""
+        pattern, sparsity, quant = parse_spec(text)
+        return cls(pattern, sparsity, allocation, quant)
 
     def __str__(self) -> str:
         s = format_sparsity(self.pattern, self.sparsity)
+        if self.quant is not None:
+            s += f"+{self.quant}"
         return s if self.allocation == "uniform" else f"{s} ({self.allocation})"

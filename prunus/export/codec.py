@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from prunus.errors import CheckpointError
-from prunus.export import floatcode
-from prunus.export.manifest import WEIGHTS, check_checkpoint_path, check_format_version
+from prunus.export import floatcode, qcodec
+from prunus.export.manifest import FORMAT_VERSION, WEIGHTS, check_checkpoint_path, check_format_version
 from prunus.export.tensors import parse_dtype, sha256_tensor
 from prunus.core.masks import pack, unpack
 
@@ -205,10 +205,50 @@ def _popcount(bits: Tensor, n: int) -> int:
     return count
 
 
+def _quant_shape(info: Mapping[str, Any]) -> tuple[int, int]:
+    """The (out, in) shape a quantized weight's codes are laid out in."""
+    shape = tuple(int(s) for s in info["shape"])
+    if len(shape) != 2:
+        raise ValueError(f"a quantized weight must be 2-D, got {shape}")
+    return (shape[1], shape[0]) if info.get("transposed") else (shape[0], shape[1])
+
+
+def _quant_mask(r: Reader, key: str, info: Mapping[str, Any]) -> tuple[Tensor, int]:
+    """``(keep mask (out, in), number kept)`` of a quantized weight, in its codes' layout."""
+    try:
+        qshape = _quant_shape(info)
+        if not info.get("masked"):
+            return torch.ones(qshape, dtype=torch.bool), int(math.prod(qshape))
+        bits = r.get(key + qcodec.BITS)
+        return unpack(bits, qshape), _popcount(bits, int(math.prod(qshape)))
+    except (ValueError, IndexError) as e:
+        raise r.corrupt(f"{key}: {e}") from None
+
+
+def _decode_quant(r: Reader, key: str, info: Mapping[str, Any]) -> Tensor:
+    """The dense weight of a quantized ``key``: ``scale * (q - z) * keep``, in the stored dtype."""
+    keep, kept = _quant_mask(r, key, info)
+    zeros = r.get(key + qcodec.ZEROS) if key + qcodec.ZEROS in r.hashes else None
+    try:
+        qw = qcodec.decode_quant(str(info.get("quant")), _quant_shape(info), keep, kept,
+                                 r.get(key + qcodec.CODES), r.get(key + qcodec.SCALES), zeros)
+    except (ValueError, IndexError, RuntimeError) as e:
+        raise r.corrupt(f"{key}: {e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # a quant text that does not parse (SpecError)
+        raise r.corrupt(f"{key}: {e}") from None
+    w = qw.dequantize().to(parse_dtype(info.get("dtype", "float32")))
+    return w.t().contiguous() if info.get("transposed") else w
+
+
 def decode_mask(r: Reader, key: str, info: Mapping[str, Any]) -> tuple[Tensor, int]:
     """``(bool keep mask, number kept)`` of masked weight ``key``."""
     shape = tuple(int(s) for s in info["shape"])
     n = int(math.prod(shape))
+    if info["encoding"] == qcodec.ENCODING:
+        keep, kept = _quant_mask(r, key, info)
+        return (keep.t().contiguous() if info.get("transposed") else keep), kept
     if info["encoding"] == "bitmask":
         bits = r.get(key + BITS)
         try:
@@ -238,6 +278,11 @@ def decode(r: Reader, key: str, info: Mapping[str, Any], out: Tensor | None = No
         t = r.get_floats(key, info, math.prod(shape))
         if info.get("coding") is not None:
             t = t.reshape(shape)
+        if out is not None and out.device.type == "cpu" and out.dtype == t.dtype and out.shape == t.shape:
+            return out.copy_(t)
+        return t
+    if enc == qcodec.ENCODING:
+        t = _decode_quant(r, key, info)
         if out is not None and out.device.type == "cpu" and out.dtype == t.dtype and out.shape == t.shape:
             return out.copy_(t)
         return t

@@ -21,7 +21,8 @@ from torch import nn
 from prunus.errors import CheckpointError
 
 MANIFEST = "prunus.json"
-FORMAT_VERSION = 2  # 2: floating-point values may be coded (prunus.export.floatcode)
+FORMAT_VERSION = 3  # 2: floating-point values may be coded (prunus.export.floatcode); 3: quantized
+# weights (prunus.export.qcodec).
 WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

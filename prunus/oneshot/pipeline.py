@@ -28,7 +28,8 @@ from prunus.oneshot.steps import BlockContext
 from prunus.errors import DataError, ModelError, SparsityCheckError
 from prunus.core.finite import check_finite
 from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
-from prunus.core.spec import Block, Channel, SparsitySpec
+from prunus.core.quant import QuantizedWeight, check_quant_shape, off_grid, rtn
+from prunus.core.spec import Block, Channel, Quant, SparsitySpec
 from prunus.core.stats import LayerStats, weight_only_stats
 from prunus.core.targets import DEFAULT_EXCLUDE, Target, select
 
@@ -50,6 +51,9 @@ class PruneResult:
 
     Attributes:
         masks: layer name -> bool keep mask (out, in), kept beside the weights.
+        quant: with a ``spec.quant``, module fqn -> :class:`~prunus.core.quant.QuantizedWeight`
+            whose ``dequantize()`` the module's weight now equals exactly: every target, and every
+            ``nn.Embedding`` outside the targets (int8 per row, see :func:`quantize_embeddings`).
         layers: per-layer reports in module order.
         sparsity: achieved sparsity over all targeted weights.
         seconds: wall time of calibration plus pruning.
@@ -64,6 +68,7 @@ class PruneResult:
     seconds: float
     budgets: dict[str, float] = field(default_factory=dict)
     label: str = ""
+    quant: dict[str, QuantizedWeight] = field(default_factory=dict)  # module fqn -> codes (spec.quant)
 
     def per_layer(self) -> dict[str, dict[str, Any]]:
         return {l.name: {"shape": list(l.shape), "target": round(l.target, 6),
@@ -138,6 +143,41 @@ def _check(result_layers: list[LayerReport], spec: SparsitySpec, masks: dict[str
     return achieved
 
 
+EMBEDDING_QUANT = Quant(8)  # nn.Embedding tables outside the targets, with any spec.quant
+
+
+def quantize_embeddings(model: nn.Module, targets: Sequence[Target]) -> dict[str, QuantizedWeight]:
+    """Round every ``nn.Embedding`` table that is not a target to int8, one scale per row (token).
+
+    With a quant spec the embedding would otherwise stay float and dominate a small model's
+    checkpoint (a fifth of SmolLM2-135M); a tied ``lm_head`` shares the rounded table.
+    """
+    names = {t.name for t in targets}
+    out: dict[str, QuantizedWeight] = {}
+    seen: set[int] = set()
+    with torch.no_grad():
+        for fqn, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding) and fqn not in names and id(mod.weight) not in seen:
+                seen.add(id(mod.weight))
+                w = mod.weight
+                qw = rtn(w.float(), torch.ones(w.shape, dtype=torch.bool, device=w.device),
+                         EMBEDDING_QUANT, fqn)
+                w.copy_(qw.dequantize().to(w.dtype))
+                out[fqn] = qw
+    return out
+
+
+def _check_quant(targets: Sequence[Target], masks: dict[str, Tensor], quant: dict[str, QuantizedWeight],
+                 spec: SparsitySpec) -> None:
+    """Every target's weight is exactly its codes dequantized, with the pruning mask."""
+    for t in targets:
+        qw = quant.get(t.name)
+        if qw is None or qw.quant != spec.quant or not torch.equal(qw.keep.cpu(), masks[t.name]):
+            raise SparsityCheckError(f"layer {t.name}: no {spec.quant} codes matching its mask")
+        if bad := off_grid(t.get(), qw):
+            raise SparsityCheckError(f"layer {t.name}: {bad} weights are off the {spec.quant} grid")
+
+
 def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Optional[Tensor] = None,
           *, refine: Optional[str] = None, include: Sequence[str] = ("*",),
           exclude: Sequence[str] = DEFAULT_EXCLUDE, method_options: Any = None,
@@ -184,8 +224,11 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     """Prune the given targets of ``model`` in place by a resolved :class:`PrunePlan`."""
     t0 = time.perf_counter()
     spec, meth, ref = plan.spec, plan.method, plan.refiner
+    quant = spec.quant
     for t in targets:
         check_divisible(t.shape, spec.pattern, t.name)
+        if quant is not None:
+            check_quant_shape(t.shape, quant, t.name)
     check_weights_finite(targets)  # the targets first, with the layer's name, then everything else
     check_finite(model)
     if plan.calibrated and calib is None:
@@ -204,12 +247,23 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     del observed
 
     masks: dict[str, Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
+    # A method that quantizes itself does so when nothing changes its weights after it; otherwise
+    # the kept weights are rounded to nearest after the refiner, or after the block steps.
+    joint = quant is not None and meth.quantizes and ref is None and not plan.steps
 
     def prune_layer(t: Target, stats: LayerStats) -> None:
         w = t.get().float()  # (out, in)
-        new_w, keep = meth.prune(w, stats, budget[t.name], spec.pattern, plan.method_options, t.name)
+        args = (w, stats, budget[t.name], spec.pattern, plan.method_options, t.name)
+        if joint:
+            new_w, keep, quantized[t.name] = meth.prune(*args, quant=quant)
+        else:
+            new_w, keep = meth.prune(*args)
         if ref is not None:
             new_w, keep = ref.refine(w, new_w, keep, stats, spec.pattern, plan.refine_options, t.name)
+        if quant is not None and not joint and not plan.steps:
+            quantized[t.name] = rtn(new_w * keep, keep, quant, t.name)
+            new_w = quantized[t.name].dequantize()
         t.set((new_w * keep).to(t.get().dtype))
         masks[t.name] = keep.bool().cpu()
 
@@ -219,6 +273,10 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
             ctx = BlockContext(i, block, mine, masks, inputs, wanted)
             for s in plan.steps:
                 s.step.run(ctx, s.options)
+            for t in mine if quant is not None else ():
+                w = t.get()
+                quantized[t.name] = qw = rtn(w.float(), masks[t.name].to(w.device), quant, t.name)
+                t.set(qw.dequantize().to(w.dtype))
 
     if plan.needs or plan.steps:
         run_blockwise(model, calib, targets, plan.needs, prune_layer, device=device, batch_size=batch_size,
@@ -232,5 +290,8 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     layers = [LayerReport(t.name, t.shape, budget[t.name], sparsity_of(t.get()),
                           pattern_violations(t.get(), spec.pattern)) for t in targets]
     achieved = _check(layers, spec, masks, budget)
+    if quant is not None:
+        _check_quant(targets, masks, quantized, spec)
+        quantized.update(quantize_embeddings(model, targets))
     return PruneResult(spec, meth.name, ref.name if ref else None, masks, layers, achieved,
-                       time.perf_counter() - t0, budget, label=plan.label)
+                       time.perf_counter() - t0, budget, label=plan.label, quant=quantized)

@@ -87,11 +87,18 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                                                       for b in ("magnitude", "random")))
     # only the targeted weights change; keep a copy only when a later run needs the dense model
     dense_w = {t.name: t.get().detach().clone() for t in targets} if n_runs > 1 else {}
+    # a quant spec also rounds the embedding tables (pipeline.quantize_embeddings)
+    dense_emb = {id(m): (m, m.weight.detach().clone()) for m in model.modules()
+                 if isinstance(m, torch.nn.Embedding)} \
+        if n_runs > 1 and any(s.quant is not None for s in job.specs) else {}
 
     def restore() -> None:
         for t in targets:
             if t.name in dense_w:
                 t.set(dense_w[t.name])
+        with torch.no_grad():
+            for m, w in dense_emb.values():
+                m.weight.copy_(w)
 
     def ppl(desc: str) -> tuple[Optional[float], Optional[float]]:
         if ev is None:
@@ -131,8 +138,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                 + (f", ppl {p:.2f}" if p is not None else ""))
             if job.out and role == "method" and saved is None:
                 meta = provenance(job, spec, res, p)
+                extra = {"quant": res.quant} if res.quant else {}
                 info = export.save(model.to("cpu"), job.out, format=job.format, masks=res.masks,
-                                   metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite)
+                                   metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite, **extra)
                 saved = {"path": str(info.path), "format": info.format, "bytes": info.bytes,
                          "dense_bytes": info.dense_bytes}
                 log(f"saved {job.format} checkpoint to {info.path}: {info.bytes / 2**20:.1f} MiB "
@@ -153,7 +161,8 @@ def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optiona
             "achieved_sparsity": res.sparsity, "calib": job.calib, "nsamples": job.nsamples,
             "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()}}
+            "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()},
+            **({"quant": str(spec.quant)} if spec.quant is not None else {})}
 
 
 def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:

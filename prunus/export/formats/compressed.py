@@ -20,6 +20,11 @@ At 50% fp32 the bitmask costs 1/8 + 2 bytes per weight against 4 (0.53x); indice
 about 94% sparsity. Other tensors are stored as they are; tied tensors (``lm_head`` tied to the
 embedding) are stored once and re-tied on load. Nothing is ever unpickled.
 
+A weight quantized by the pipeline (a ``+int8``/``+int4`` spec; ``save(quant=PruneResult.quant)``)
+is stored as mask bits + packed integer codes + scales (and zero points) instead
+(``"encoding": "quant"``, :mod:`prunus.export.qcodec`); it loads as the same float weight, bit for
+bit. Checkpoints now say format version 3; version-2 ones still load.
+
 The encoding and the verified reader are in :mod:`prunus.export.codec`.
 
 Floating-point values (the kept values of masked weights, and the dense tensors) are further coded
@@ -60,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prunus.errors import CheckpointError
-from prunus.export import floatcode
+from prunus.export import floatcode, qcodec
 from prunus.export.codec import (BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
                                  VALUES, Reader, decode, decode_mask, encode, encoded_bytes,
                                  header_format, iter_state, weights_file)
@@ -88,7 +93,8 @@ def _put(tensors: dict[str, Tensor], name: str, t: Tensor, code: bool) -> str | 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, Tensor] | None = None,
          metadata: Mapping[str, Any] | None = None, tokenizer: Any | None = None,
-         overwrite: bool = False, code_values: bool = True) -> ExportInfo:
+         overwrite: bool = False, code_values: bool = True,
+         quant: Mapping[str, Any] | None = None) -> ExportInfo:
     """Save ``model`` as a compressed checkpoint folder, atomically.
 
     Args:
@@ -101,6 +107,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
         overwrite: replace an existing folder, only once the new one is complete.
         code_values: code floating-point values losslessly (:mod:`prunus.export.floatcode`) where
             that is smaller; False stores them plain (faster to save and load, about 17% larger).
+        quant: module fqn -> :class:`~prunus.core.quant.QuantizedWeight` (``PruneResult.quant``):
+            those weights are stored as integer codes + scales (:mod:`prunus.export.qcodec`); each
+            must dequantize to exactly the model's weight.
 
     Returns:
         :class:`~prunus.export.ExportInfo`; ``encodings`` says how each masked weight is stored.
@@ -118,9 +127,22 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     encodings: dict[str, str] = {}
+    qkeys = _quant_keys(state, tied, quant)
     for key, t in state.items():
         info: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-        if key in key_masks:
+        coding = None
+        if key in qkeys:
+            qw, masked = qkeys[key], key in key_masks
+            transposed = t.dim() == 2 and tuple(qw.codes.shape) != tuple(t.shape)
+            w = qw.dequantize().to(t.dtype)
+            if not torch.equal(w.t() if transposed else w, t.detach().cpu()):
+                raise CheckpointError(f"{key}: the weight is not its quantized codes dequantized "
+                                      f"({qw.quant}); save the model the pipeline quantized")
+            tensors.update({key + sfx: p for sfx, p in qcodec.encode_quant(qw, masked).items()})
+            info.update(encoding=qcodec.ENCODING, quant=str(qw.quant), masked=masked,
+                        transposed=transposed, **(key_masks[key].layout() if masked else {}))
+            encodings[key] = qcodec.ENCODING
+        elif key in key_masks:
             enc, parts = encode(t, key_masks[key].mask)
             coding = _put(tensors, key + VALUES, parts.pop(VALUES), code_values)
             tensors.update({key + suffix: p for suffix, p in parts.items()})
@@ -155,6 +177,23 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
     return ExportInfo(path=out, format=NAME, bytes=(out / WEIGHTS).stat().st_size,
                       dense_bytes=dense_safetensors_bytes(state), total_bytes=folder_bytes(out),
                       encodings=encodings)
+
+
+def _quant_keys(state: Mapping[str, Tensor], tied: Mapping[str, str],
+                quant: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Module fqn -> quantized weight, mapped to the stored state-dict keys (tied aliases resolved)."""
+    out: dict[str, Any] = {}
+    for fqn, qw in (quant or {}).items():
+        key = fqn if fqn.endswith(".weight") else fqn + ".weight"
+        key = tied.get(key, key)
+        if key not in state:
+            raise CheckpointError(f"quantized weight for {fqn!r}: the model has no weight {key!r}")
+        t = state[key]
+        if tuple(qw.codes.shape) not in (tuple(t.shape), tuple(t.shape)[::-1]):
+            raise CheckpointError(f"quantized weight for {fqn!r} is {tuple(qw.codes.shape)} but the "
+                                  f"weight is {tuple(t.shape)}")
+        out[key] = qw
+    return out
 
 
 def _no_init() -> contextlib.AbstractContextManager[Any]:
@@ -286,7 +325,7 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     masks: dict[str, Tensor] = {}
     with Reader(weights_file(path)) as r:
         for key, info in r.manifest["tensors"].items():
-            if info.get("encoding", "dense") != "dense":
+            if info.get("encoding", "dense") != "dense" and info.get("masked", True):
                 masks.update(masks_by_module(decode_mask(r, key, info)[0], info))
     return masks
 

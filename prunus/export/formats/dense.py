@@ -68,8 +68,11 @@ def _serialisable(model: nn.Module) -> nn.Module:
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, Tensor] | None = None,
          metadata: Mapping[str, Any] | None = None, tokenizer: Any | None = None,
-         overwrite: bool = False) -> ExportInfo:
+         overwrite: bool = False, quant: Mapping[str, Any] | None = None) -> ExportInfo:
     """Save ``model`` as a ``save_pretrained`` folder with ``prunus.json`` and packed masks, atomically.
+
+    A quantized model (``quant``, from ``PruneResult.quant``) is saved as its dequantized float
+    weights, which it already holds; only the compressed format stores the codes.
 
     Args:
         model: a transformers model (it needs ``save_pretrained``), masks applied.
