@@ -116,7 +116,8 @@ def split_sublayers(block: nn.Module, targets: Sequence[Target], index: int = -1
 @block_step("reconstruct-sub", options=SublayerOptions, paper=PAPER, label="+recon-sub",
             active=lambda o: o.epochs > 0)
 def reconstruct_sublayer(ctx: BlockContext, options: SublayerOptions) -> None:
-    """The block step: tune the attention's kept weights, then the MLP's, each towards the dense outputs."""
+    """The block step: tune the attention's kept weights, then the MLP's, each towards the dense block's
+    outputs (sub-layer-wise reconstruction after arXiv 2510.14444; see the module docstring)."""
     parts = split_sublayers(ctx.block, ctx.targets, ctx.index)
     rec = ReconstructOptions(options.epochs, options.lr, options.batch_size, options.seed)
     for phase in options.phase_list():
