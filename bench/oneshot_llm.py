@@ -31,8 +31,10 @@ PEER = [str(ROOT / ".venv-peer/bin/python"), str(ROOT / "bench/peer_llmcompresso
 BASE = [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
         ("ria", "0.5"), ("ria", "2:4"), ("magnitude", "0.5"), ("magnitude", "2:4")]
 # configurations that try to go past the peers with the same calibration budget
-# (method, spec, refiner, allocation[, block-reconstruction epochs])
+# (method, spec, refiner, allocation[, block-step epochs[, block step, default reconstruct]])
 EXTRA = [("sparsegpt", "0.5", None, "uniform", 4), ("sparsegpt", "2:4", None, "uniform", 4),
+         ("sparsegpt", "0.5", None, "uniform", 4, "reconstruct-sub"),
+         ("sparsegpt", "2:4", None, "uniform", 4, "reconstruct-sub"),
          ("sparsegpt-asym", "0.5", None, "uniform"), ("sparsegpt-asym", "0.5", None, "uniform", 4),
          ("sparsegpt-asym", "2:4", None, "uniform"), ("sparsegpt-asym", "2:4", None, "uniform", 4),
          ("sparsegpt", "0.5", "dsnot", "uniform"), ("sparsegpt", "2:4", "dsnot", "uniform"),
@@ -51,16 +53,20 @@ def _run(cmd: list[str], js: Path) -> dict:
 
 
 def prunus_run(a: argparse.Namespace, method: str, sparsity: str, refine: str | None = None,
-               allocation: str = "uniform", reconstruct: int = 0) -> dict:
+               allocation: str = "uniform", reconstruct: int = 0, step: str = "reconstruct") -> dict:
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "r.json"
-        cmd = PRUNUS + ["prune", a.model, "--method", method, "--sparsity", sparsity, "--allocation",
+        # another block step than reconstruct: --step NAME, its epochs as an override after the model
+        over = [f"steps.{step}.epochs={reconstruct}"] if reconstruct and step != "reconstruct" else []
+        cmd = PRUNUS + ["prune", a.model, *over, "--method", method, "--sparsity", sparsity, "--allocation",
                         allocation, "--calib", a.calib, "--eval", a.eval, "--nsamples", str(a.nsamples),
                         "--seqlen", str(a.seqlen), "--windows", str(a.windows), "--no-baselines",
                         "--quiet", "--json", str(js)]
         if refine:
             cmd += ["--refine", refine]
-        if reconstruct:
+        if over:
+            cmd += ["--step", step]
+        elif reconstruct:
             cmd += ["--reconstruct", str(reconstruct)]
         r = _run(cmd, js)
     return r if "error" in r else {k: r[k] for k in ("perplexity", "sparsity", "seconds", "peak_rss_mb")}
@@ -128,9 +134,10 @@ def main() -> int:
             if only and method not in only:
                 continue
             epochs = rec[0] if rec else 0
-            p = prunus_run(a, method, sp, refine, alloc, epochs)
+            step = rec[1] if len(rec) > 1 else "reconstruct"
+            p = prunus_run(a, method, sp, refine, alloc, epochs, step)
             label = method + (f"+{refine}" if refine else "") + ("" if alloc == "uniform" else f" ({alloc})") \
-                + (f" + reconstruct {epochs}" if epochs else "")
+                + (f" + {step} {epochs}" if epochs else "")
             rows.append({"tool": "prunus", "method": label, "spec": sp, **p})
             print(f"prunus {label} {sp}: {p}", flush=True)
 
