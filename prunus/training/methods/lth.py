@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from prunus.core.options import build_options
+from prunus.core.options import build_options, option
 from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
 from prunus.core.stats import layer_seed
 from prunus.training.registry import TrainingMethod, register
@@ -38,8 +38,8 @@ class LTHOptions:
         reinit: the random re-initialisation control (``lth_reinit``).
     """
 
-    rounds: int = 3
-    rewind: float = 0.02
+    rounds: int = option(3, min=1)
+    rewind: float = option(0.02, min=0, max=1)
     reinit: bool = False
 
 
