@@ -61,8 +61,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     seed = int(os.environ.get("PRUNUS_FAULT_SEED", "20261122"))
     rng = random.Random(seed)
     ref = tmp_path / "ref.json"
-    subprocess.run(_cmd(tmp_path / "ref-ck", ref, False), cwd=ROOT, env=_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert main(_cmd(tmp_path / "ref-ck", ref, False)[3:]) == 0  # the uninterrupted run, in-process
     ck, out = tmp_path / "ck", tmp_path / "out" / "r.json"
     kills = 0
     for attempt in range(6):
@@ -98,23 +97,25 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     # every temporary a killed run left was removed by the next write to the same destination
     assert _temporaries(ck, out.parent) == [], f"stale temporaries (PRUNUS_FAULT_SEED={seed})"
     # and resuming a finished run again changes nothing
-    subprocess.run(_cmd(ck, out, True), cwd=ROOT, env=_env(), check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=120)
+    assert main(_cmd(ck, out, True)[3:]) == 0
     assert out.read_bytes() == ref.read_bytes()
 
 
-def _trained_checkpoint(tmp_path: Path) -> Path:
-    ck = tmp_path / "ck"
+@pytest.fixture(scope="module")
+def one_epoch_checkpoint(tmp_path_factory) -> bytes:
+    ck = tmp_path_factory.mktemp("ck1")
     argv = ["train", *FLAGS[:9], "1", *FLAGS[10:], "--checkpoint-dir", str(ck)]
     assert main(argv) == 0
-    return ck
+    return (ck / "seed0.pt").read_bytes()
 
 
 @pytest.mark.parametrize("where", ["payload", "digest", "truncated"])
-def test_corrupt_checkpoint_is_refused_on_resume(capsys, tmp_path, where):
-    ck = _trained_checkpoint(tmp_path)
+def test_corrupt_checkpoint_is_refused_on_resume(capsys, tmp_path, where, one_epoch_checkpoint):
     capsys.readouterr()
+    ck = tmp_path / "ck"
+    ck.mkdir()
     pt = ck / "seed0.pt"
+    pt.write_bytes(one_epoch_checkpoint)
     raw = bytearray(pt.read_bytes())
     if where == "payload":
         i = len(raw) * 2 // 3
