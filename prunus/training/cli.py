@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import Any
 
+from prunus.core.options import coerce
 from prunus.errors import DataError, PrunusError, SpecError
 from prunus.io.recipe import load_recipe, parse_value
 from prunus.training.registry import load_all
@@ -47,6 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=("sgd", "adamw"))
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9; Nesterov when > 0)")
+    p.add_argument("--probe-epochs", type=float, help="random_search: epochs of short training per candidate")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o delta_t=100 -o alpha=0.3 (repeatable)")
     p.add_argument("--text-file", help="text task: train on this file instead of a bundled book")
@@ -70,7 +74,7 @@ _FIELDS = {"task": "task", "model": "model", "method": "method", "sparsity": "sp
            "lr": "lr", "optimizer": "optimizer", "weight_decay": "weight_decay", "text_file": "text_file",
            "book": "book", "finetune_book": "finetune_book", "finetune_text_file": "finetune_text_file",
            "finetune_epochs": "finetune_epochs", "train_subset": "train_subset",
-           "checkpoint_every": "checkpoint_every",
+           "momentum": "momentum", "probe_epochs": "probe_epochs", "checkpoint_every": "checkpoint_every",
            "checkpoint_dir": "checkpoint_dir"}
 
 
@@ -86,8 +90,11 @@ def config_from_args(args: argparse.Namespace):
             recipe = load_recipe(args.recipe, known={*_FIELDS, "options", "seeds"})
         except DataError as e:  # a missing or unreadable recipe is a wrong argument here
             raise SpecError(str(e)) from None
-        options.update(recipe.pop("options", None) or {})
-        seeds = int(recipe.pop("seeds", seeds))
+        opts = recipe.pop("options", None) or {}
+        if not isinstance(opts, dict):
+            raise SpecError(f"recipe {args.recipe}: options must be a mapping of name: value")
+        options.update(opts)
+        seeds = coerce(recipe.pop("seeds", seeds), int, "seeds")
         values.update(recipe)
     for flag, fld in _FIELDS.items():
         v = getattr(args, flag, None)
@@ -103,8 +110,10 @@ def config_from_args(args: argparse.Namespace):
     if "sparsity" in values:
         values["sparsity"] = str(values["sparsity"])
     if seeds < 1:
-        raise SpecError("--seeds must be at least 1")
-    cfg = TrainConfig(**values, options=tuple(sorted(options.items())))
+        raise SpecError(f"--seeds must be at least 1, got {seeds}")
+    hints = typing.get_type_hints(TrainConfig)
+    values = {k: coerce(v, hints[k], k) for k, v in values.items()}  # a recipe's "3" or 2.7 for an int
+    cfg = TrainConfig(**values, options=tuple(sorted(options.items())))  # ranges: TrainConfig.__post_init__
     return cfg, list(range(cfg.seed, cfg.seed + seeds))
 
 
@@ -155,10 +164,14 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every rank trains; only rank 0 prints the table and writes JSON and plot.
     """
+    from prunus.io.fsutil import check_out_file
     from prunus.training import trainer
 
     try:
         cfg, seeds = config_from_args(args)
+        for path in (args.json, args.plot):  # result files: writable now, not after the training
+            if path is not None:
+                check_out_file(path)
         doc = trainer.run(cfg, seeds, resume=args.resume, progress=not args.no_progress)
         if trainer.global_rank() == 0:
             print(format_table(doc))

@@ -216,14 +216,25 @@ class Sparsifier:
         """The weight the forward pass uses (the parametrized one for SR-STE/PGF)."""
         return t.module.weight.detach()
 
+    def _zeros(self, t: Target) -> float:
+        """Zeros of ``t``'s effective weight; a position the mask prunes counts as zero whatever its value.
+
+        NaN * 0 is NaN, so a diverged run's pruned weights compare unequal to 0: counting ``w == 0``
+        alone would report a 90% mask as 0% sparse. Counting the mask too (for methods that zero the
+        pruned weights, while the mask is in force) gives the same number on every finite run.
+        """
+        zero = self.effective_weight(t) == 0
+        if self.apply_to_weights and not self.released:
+            zero |= ~self.masks[t.name]
+        return float(zero.sum())
+
     def layer_sparsity(self) -> dict[str, float]:
-        """Achieved sparsity of each target: the share of zeros in its effective weight."""
-        return {t.name: float((self.effective_weight(t) == 0).sum()) / t.weight.numel()
-                for t in self.targets}
+        """Achieved sparsity of each target: the share of zeros (or pruned positions) in its weight."""
+        return {t.name: self._zeros(t) / t.weight.numel() for t in self.targets}
 
     def sparsity(self) -> float:
         """Achieved sparsity over all targeted weights (zeros / weights)."""
-        zeros = sum(float((self.effective_weight(t) == 0).sum()) for t in self.targets)
+        zeros = sum(self._zeros(t) for t in self.targets)
         return zeros / max(1, sum(t.weight.numel() for t in self.targets))
 
     def densities(self) -> dict[str, float]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from prunus.errors import PrunusError
+from prunus.core.options import option
 from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import cosine_decay
@@ -37,9 +38,9 @@ class DSTOptions:
         end: fraction of training after which masks are frozen.
     """
 
-    delta_t: int = 100
-    alpha: float = 0.3
-    end: float = 0.75
+    delta_t: int = option(100, min=1)
+    alpha: float = option(0.3, min=0, max=1)
+    end: float = option(0.75, min=0, max=1)
 
 
 def drop_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, fraction: float) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from prunus.core.options import option
 from prunus.core.spec import Block, Channel, SparsitySpec, Unstructured
 from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import cubic
@@ -27,10 +28,10 @@ class GMPOptions:
         initial: sparsity at ``start``.
     """
 
-    start: float = 0.25
-    end: float = 0.75
-    frequency: int = 100
-    initial: float = 0.0
+    start: float = option(0.25, min=0, max=1)
+    end: float = option(0.75, min=0, max=1)
+    frequency: int = option(100, min=1)
+    initial: float = option(0.0, min=0, max=1)
 
 
 def gmp(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,

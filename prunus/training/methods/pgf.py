@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from prunus.core.options import option
 from prunus.core.spec import NM, SparsitySpec
 from prunus.training.registry import TrainingMethod, register
 from prunus.training.schedules import pgf as pgf_schedule
@@ -51,9 +52,9 @@ class PGFOptions:
     """
 
     decay: str = "linear"
-    dense: float = 0.0
-    finetune: float = 0.2
-    coef: float | None = None
+    dense: float = option(0.0, min=0, max=1)
+    finetune: float = option(0.2, min=0, max=1)
+    coef: float | None = option(None, min=0)
 
 
 def pgf(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps: int, seed: int = 0,

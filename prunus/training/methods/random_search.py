@@ -19,6 +19,7 @@ from torch import nn
 
 from prunus.errors import SpecError
 from prunus.core.masks import n_pruned
+from prunus.core.options import option
 from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training.registry import RunPlan, TrainingMethod, register
 from prunus.training.sparsifier import (Sparsifier, Target, generator, layer_budgets, option_values,
@@ -32,8 +33,8 @@ class RandomSearchOptions:
         spread: per-layer densities vary by up to this factor around the uniform budget.
     """
 
-    candidates: int = 8
-    spread: float = 4.0
+    candidates: int = option(8, min=1)
+    spread: float = option(4.0, min=1)
 
 
 def sample_budgets(targets: Sequence[Target], sparsity: float, spread: float,

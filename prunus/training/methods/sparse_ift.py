@@ -21,7 +21,7 @@ from torch import nn
 
 from prunus.errors import SpecError
 from prunus.core.spec import SparsitySpec, Unstructured
-from prunus.core.options import build_options
+from prunus.core.options import build_options, option
 from prunus.training.registry import TrainingMethod, WidthProblem, get, register
 from prunus.training.sparsifier import Sparsifier, as_spec, option_values
 
@@ -57,9 +57,9 @@ class SparseIFTOptions:
     """
 
     inner: str = "rigl"
-    delta_t: int = 100
-    alpha: float = 0.3
-    end: float = 0.75
+    delta_t: int = option(100, min=1)
+    alpha: float = option(0.3, min=0, max=1)
+    end: float = option(0.75, min=0, max=1)
 
 
 def sparse_ift(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int,

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from prunus.errors import SpecError
+from prunus.core.options import option
 from prunus.core.spec import SparsitySpec, Unstructured
 from prunus.training.registry import RunPlan, TrainingMethod, register
 from prunus.training.sparsifier import (Sparsifier, layer_budgets, option_values, prepare, random_masks,
@@ -28,7 +29,7 @@ class SPDFOptions:
         dense_from: fraction of training after which the mask is released (1.0: only by hand).
     """
 
-    dense_from: float = 0.75
+    dense_from: float = option(0.75, min=0, max=1)
 
 
 def spdf(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_steps: int, seed: int = 0,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from prunus.core.options import option
 from prunus.core.spec import NM, SparsitySpec
 from prunus.training.registry import TrainingMethod, register
 from prunus.training.sparsifier import Sparsifier, magnitude, mask_from_scores, option_values, prepare
@@ -61,7 +62,7 @@ class SRSTEOptions:
         lam: the refining weight decay lambda_W on pruned weights (the paper's 2e-4).
     """
 
-    lam: float = 2e-4
+    lam: float = option(2e-4, min=0)
 
 
 def srste(model: nn.Module, optimizer, spec: SparsitySpec | str, *, total_steps: int = 0, seed: int = 0,

@@ -13,8 +13,8 @@ from prunus.training.trainer.checkpoints import (FORMAT, checkpoint_path, load_c
                                                  write_json)
 from prunus.training.trainer.config import Prepared, TrainConfig, prepare
 from prunus.training.trainer.ddp import distributed, global_rank
-from prunus.training.trainer.loop import run, summarize, train_one
+from prunus.training.trainer.loop import DivergedError, run, summarize, train_one
 from prunus.training.trainer.steps import evaluate
 
-__all__ = ["FORMAT", "Prepared", "TrainConfig", "checkpoint_path", "distributed", "evaluate", "global_rank",
+__all__ = ["FORMAT", "DivergedError", "Prepared", "TrainConfig", "checkpoint_path", "distributed", "evaluate", "global_rank",
            "load_checkpoint", "prepare", "run", "save_checkpoint", "summarize", "train_one", "write_json"]

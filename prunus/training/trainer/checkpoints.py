@@ -1,13 +1,18 @@
 """The files a training run writes: resumable checkpoints and the JSON summary, each atomically.
 
 A checkpoint holds tensors and plain data only (read back with ``weights_only=True``) and the
-config's fingerprint, so a checkpoint of another run is refused instead of resumed. Writes go
+config's fingerprint, so a checkpoint of another run is refused instead of resumed. Its first line is
+``prunus-train-checkpoint sha256=<hex>``, the digest of the rest of the file (the ``torch.save``
+payload), verified before anything is read: a flipped byte is a CheckpointError ("corrupt"), never a
+silent resume to other masks. Writes go
 through :func:`prunus.io.fsutil.atomic_file`: a reader sees the old file or the new one, never half
 of one, even when the run is killed with SIGKILL mid-write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,8 @@ from prunus.errors import CheckpointError
 from prunus.io.fsutil import atomic_file
 from prunus.training.trainer.config import TrainConfig
 
-FORMAT = "prunus-train-v1"
+FORMAT = "prunus-train-v2"
+MAGIC = b"prunus-train-checkpoint sha256="  # the first line of every checkpoint: the digest of the rest
 
 
 def checkpoint_path(config: TrainConfig, seed: int) -> Path:
@@ -26,11 +32,29 @@ def checkpoint_path(config: TrainConfig, seed: int) -> Path:
     return Path(config.checkpoint_dir) / f"seed{seed}.pt"
 
 
-def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
-    """Read a checkpoint (tensors and plain data only) and check it belongs to ``config``."""
+def _verified_payload(path: Path) -> bytes:
+    """The checkpoint's payload after its SHA-256 header, or a CheckpointError if it does not match."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, tampered, pickled objects
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    head, nl, payload = raw.partition(b"\n")
+    if not head.startswith(MAGIC) or not nl:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a prunus training checkpoint (no integrity "
+                              f"header); delete it or use another --checkpoint-dir")
+    want = head[len(MAGIC):].decode("ascii", "replace")
+    if hashlib.sha256(payload).hexdigest() != want:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it; "
+                              f"delete it (or use another --checkpoint-dir) and train again")
+    return payload
+
+
+def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """Read a checkpoint (verified, tensors and plain data only) and check it belongs to ``config``."""
+    payload = _verified_payload(path)
+    try:
+        ck = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled objects, or a file written by something else with our header
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a prunus training checkpoint")
@@ -45,8 +69,11 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic write: a reader sees the old checkpoint or the new one, never half of one."""
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    with atomic_file(path) as tmp:  # header and payload in one file: one atomic rename, no torn pair
+        tmp.write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode("ascii") + b"\n" + data)
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:

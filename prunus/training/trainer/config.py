@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from prunus.core.options import build_options
+from prunus.core.options import build_options, check, option
 from prunus.core.spec import SparsitySpec
 from prunus.errors import SpecError
 from prunus.training import flops as fl
@@ -56,23 +56,29 @@ class TrainConfig:
     method: str = "dense"
     sparsity: str = "0.9"
     allocation: str = "uniform"
-    epochs: int = 10
-    seed: int = 0
-    batch_size: int = 128
-    lr: Optional[float] = None
+    epochs: int = option(10, min=1)
+    seed: int = option(0, min=0)
+    batch_size: int = option(128, min=1)
+    lr: Optional[float] = option(None, gt=0)
     optimizer: Optional[str] = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = option(0.9, min=0, max=1)
+    weight_decay: float = option(5e-4, min=0)
     options: tuple[tuple[str, Any], ...] = ()
     text_file: Optional[str] = None
     book: str = "emma"
     finetune_book: Optional[str] = None
     finetune_text_file: Optional[str] = None
-    finetune_epochs: int = 0
-    train_subset: int = 0
-    probe_epochs: float = 1.0
-    checkpoint_every: int = 0
+    finetune_epochs: int = option(0, min=0)
+    train_subset: int = option(0, min=0)
+    probe_epochs: float = option(1.0, gt=0)
+    checkpoint_every: int = option(0, min=0)
     checkpoint_dir: str = "prunus-checkpoints"
+
+    def __post_init__(self) -> None:
+        # every numeric field in its range (finite, positive where it must be), at the edge
+        check(self, "")
+        if not str(self.checkpoint_dir).strip():
+            raise SpecError("checkpoint_dir is empty")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything but where checkpoints go)."""

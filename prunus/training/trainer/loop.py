@@ -13,6 +13,7 @@ dense fine-tuning on another; Thangarasa et al. 2023).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -21,7 +22,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from prunus.errors import SpecError
+from prunus.errors import PrunusError, SpecError
+from prunus.io.fsutil import check_out_dir
 from prunus.training import flops as fl
 from prunus.training.registry import RunPlan, get as get_method
 from prunus.training.sparsifier import Sparsifier
@@ -32,6 +34,10 @@ from prunus.training.trainer.ddp import RankSync, distributed, dump_digests, mas
 from prunus.training.trainer.steps import Batches, Segment, Stepper, cosine_lr, evaluate, make_optimizer, segment
 
 Log = Callable[[str], None]
+
+
+class DivergedError(PrunusError):
+    """The training loss became NaN or infinite: the run stops there instead of reporting nonsense."""
 
 
 def _stderr(s: str) -> None:
@@ -84,6 +90,7 @@ class _Run:
                              log=log)
         self._count_flops()
         self.step, self.history, self.train_flops = 0, [], 0.0
+        self.losses: list[float] = []  # the current epoch's step losses (checkpointed: exact resumes)
         self.path = checkpoint_path(cfg, seed)
 
     # ---- construction -------------------------------------------------------------------------
@@ -143,6 +150,7 @@ class _Run:
         if self.sp is not None:
             self.sp.load_state_dict(ck["sparsifier"])
         self.step, self.history, self.train_flops = int(ck["step"]), list(ck["history"]), float(ck["train_flops"])
+        self.losses = [float(x) for x in ck["epoch_losses"]]
         torch.set_rng_state(ck["rng"])
         self.log(f"seed {self.seed}: resumed from {self.path} at step {self.step}")
         return None
@@ -154,7 +162,7 @@ class _Run:
                 "format": FORMAT, "fingerprint": self.cfg.fingerprint(), "seed": self.seed, "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "sparsifier": sp.state_dict() if sp is not None else None, "history": self.history,
-                "train_flops": self.train_flops, "rng": torch.get_rng_state(), "done": done, "result": result})
+                "train_flops": self.train_flops, "epoch_losses": list(self.losses), "rng": torch.get_rng_state(), "done": done, "result": result})
 
     # ---- training -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sg: Segment, start: int, progress: bool, t0: float) -> None:
@@ -165,7 +173,7 @@ class _Run:
         n_epochs = len(self.plan)
         bar = tqdm(range(sg.spe), desc=f"seed {self.seed} epoch {epoch + 1}/{n_epochs}", leave=False,
                    disable=not progress or self.rank != 0, file=sys.stderr)
-        losses = []
+        losses = self.losses = self.losses if start < self.step else []  # a resume mid-epoch keeps its losses
         for b in bar:
             if start + b < self.step:
                 continue  # done before the resume
@@ -174,6 +182,9 @@ class _Run:
             f_s = fl.forward_flops(self.costs, sp.densities(), extra=self.attn) if sp is not None else self.f_dense
             loss = self.stepper(sp, xb, yb, cosine_lr(self.lr, self.step, self.phases))
             self.step += 1
+            if not math.isfinite(loss):
+                raise DivergedError(f"seed {self.seed} epoch {epoch + 1}/{n_epochs} step {self.step}: the loss is "
+                                    f"{loss} (diverged); lower the learning rate (--lr) and check the inputs")
             losses.append(loss)
             self.train_flops += cfg.batch_size * fl.train_step_flops(f_s, self.f_dense,
                                                                      dense_backward=self.prep.dense_backward)
@@ -275,6 +286,10 @@ def run(config: TrainConfig, seeds: list[int], *, resume: bool = False, progress
     on every rank alike, before any collective), and left at the end; only rank 0 logs.
     """
     prep = prepare(config, data)
+    if config.checkpoint_every:  # the checkpoint folder: writable now, not at the first checkpoint
+        d = check_out_dir(config.checkpoint_dir, overwrite=True)
+        if d.exists() and not d.is_dir():
+            raise SpecError(f"checkpoint folder {d} is a file; give a folder")
     if resume:
         for s in seeds:
             if checkpoint_path(config, s).exists():
