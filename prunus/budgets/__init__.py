@@ -18,16 +18,14 @@ budget in :attr:`LayerInfo.observed`. Adding one is one file::
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 
 from prunus.core.options import NoOptions
+from prunus.core.registry import discover, lookup
 from prunus.core.stats import STAT_NAMES, LayerStats
-from prunus.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -109,25 +107,16 @@ def budget(name: str, *, options: type = NoOptions, paper: str = "", reads_weigh
     return deco
 
 
-_loaded = False
-
-
 def load_all() -> dict[str, Allocation]:
     """Import every module of this package once, so that all registrations have run."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    discover(__name__)
     return ALLOCATIONS
 
 
 def get(name: str) -> Allocation:
     """The budget registered as ``name``; an unknown name lists the registered ones."""
     load_all()
-    if name not in ALLOCATIONS:
-        raise SpecError(f"unknown allocation {name!r}; choose one of {', '.join(sorted(ALLOCATIONS))}")
-    return ALLOCATIONS[name]
+    return lookup(ALLOCATIONS, name, "allocation", "choose one of")
 
 
 def allocate(layers: Sequence[LayerInfo], sparsity: float, allocation: str = "uniform",

@@ -25,15 +25,13 @@ Every module in this package is imported on first use, so the decorator is the r
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from torch import Tensor
 
 from prunus.core.options import NoOptions
-from prunus.errors import SpecError
+from prunus.core.registry import discover, lookup
 from prunus.core.stats import STAT_NAMES, LayerStats
 
 ScoreFn = Callable[..., Tensor]  # (weight, stats) -> scores, or (weight, stats, options) -> scores
@@ -97,22 +95,13 @@ def criterion(name: str, *, needs: Iterable[str] = (), per_row: bool = False, pa
     return deco
 
 
-_loaded = False
-
-
 def load_all() -> dict[str, Criterion]:
     """Import every module of this package once, so that all decorators have run."""
-    global _loaded
-    if not _loaded:
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
-        _loaded = True
+    discover(__name__)
     return CRITERIA
 
 
 def get(name: str) -> Criterion:
     """The criterion registered as ``name``; an unknown name lists the registered ones."""
     load_all()
-    if name not in CRITERIA:
-        raise SpecError(f"unknown criterion {name!r}; registered: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]
+    return lookup(CRITERIA, name, "criterion")

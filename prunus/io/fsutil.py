@@ -28,7 +28,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from prunus.errors import PrunusError
 
@@ -236,6 +236,16 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     _remove(old)
 
 
+def _abort(e: BaseException, tmp: Path, created: list[Path], path: Path) -> NoReturn:
+    """Leave nothing behind after a failed write, then raise (an OSError as a one-line WriteError)."""
+    _remove(tmp)
+    _remove_empty(created)
+    err = _write_error(e, path)
+    if err is e:
+        raise e
+    raise err from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Write a folder atomically: yield a hidden temporary sibling, rename it to ``path`` on success.
@@ -273,12 +283,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
         _commit(tmp, p, overwrite)
         _fsync_dir(p.parent)
     except BaseException as e:
-        _remove(tmp)
-        _remove_empty(created)
-        err = _write_error(e, p)
-        if err is e:
-            raise
-        raise err from None
+        _abort(e, tmp, created, p)
 
 
 @contextlib.contextmanager
@@ -323,12 +328,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
         os.replace(tmp, p)
         _fsync_dir(p.parent)
     except BaseException as e:
-        _remove(tmp)
-        _remove_empty(created)
-        err = _write_error(e, p)
-        if err is e:
-            raise
-        raise err from None
+        _abort(e, tmp, created, p)
 
 
 def write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:

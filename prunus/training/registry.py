@@ -17,12 +17,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from prunus.errors import SpecError
+from prunus.core.registry import discover, lookup
 
 
 @dataclass(frozen=True)
@@ -107,26 +105,16 @@ def unregister(name: str) -> None:
     METHODS.pop(name, None)
 
 
-_loaded = False
-
-
 def load_all() -> dict[str, TrainingMethod]:
     """Import every module of :mod:`prunus.training.methods` once, so that all have registered."""
-    global _loaded
-    if not _loaded:
-        pkg = importlib.import_module("prunus.training.methods")
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
-        _loaded = True
+    discover("prunus.training.methods")
     return METHODS
 
 
 def get(name: str) -> TrainingMethod:
     """The method registered as ``name``; an unknown name lists the registered ones."""
     load_all()
-    if name not in METHODS:
-        raise SpecError(f"unknown training method {name!r}; registered: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    return lookup(METHODS, name, "training method")
 
 
 def build(name: str, model, optimizer, spec, *, total_steps: int, **kwargs) -> Any:

@@ -19,16 +19,14 @@ recipe, or ``prunus.prune(..., steps=[("scale", {"factor": 0.5})])``; ``prunus l
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
 from prunus.core.options import NoOptions
+from prunus.core.registry import discover, lookup
 from prunus.core.targets import Target
-from prunus.errors import SpecError
 
 
 @dataclass
@@ -92,25 +90,16 @@ def block_step(name: str, *, options: type = NoOptions, paper: str = "", label: 
     return deco
 
 
-_loaded = False
-
-
 def load_all() -> dict[str, BlockStep]:
     """Import every module of this package once, so that all registrations have run."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    discover(__name__)
     return STEPS
 
 
 def get(name: str) -> BlockStep:
     """The block step registered as ``name``; an unknown name lists the registered ones."""
     load_all()
-    if name not in STEPS:
-        raise SpecError(f"unknown block step {name!r}; registered: {', '.join(sorted(STEPS)) or 'none'}")
-    return STEPS[name]
+    return lookup(STEPS, name, "block step")
 
 
 @dataclass(frozen=True)
