@@ -85,6 +85,10 @@ def config_from_args(args: argparse.Namespace):
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     seeds = 1
+    if getattr(args, "train_subset", None) is not None and args.train_subset < 1:
+        # the config's 0 means "all"; given explicitly, 0 or less asks for no examples at all
+        raise SpecError(f"--train-subset must be at least 1 (leave it out to train on every example), "
+                        f"got {args.train_subset}")
     if args.recipe:
         try:  # the one recipe loader: an unquoted 2:4 stays "2:4", unknown keys are refused
             recipe = load_recipe(args.recipe, known={*_FIELDS, "options", "seeds"})
