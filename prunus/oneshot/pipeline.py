@@ -76,15 +76,6 @@ class PruneResult:
                 for l in self.layers}
 
 
-def check_weights_finite(targets: Sequence[Target]) -> None:
-    """Fail before any work if a targeted weight holds NaN or Inf, naming the layer."""
-    for t in targets:
-        w = t.get()
-        if not torch.isfinite(w).all():
-            bad = int((~torch.isfinite(w)).sum())
-            raise ModelError(f"layer {t.name} has {bad} NaN/Inf weight(s); prunus will not prune it")
-
-
 def _layer_infos(targets: Sequence[Target], prefix: Optional[str], weights: bool,
                  observed: Optional[dict[str, Any]] = None) -> list[budgets.LayerInfo]:
     out = []
@@ -229,8 +220,7 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
         check_divisible(t.shape, spec.pattern, t.name)
         if quant is not None:
             check_quant_shape(t.shape, quant, t.name)
-    check_weights_finite(targets)  # the targets first, with the layer's name, then everything else
-    check_finite(model)
+    check_finite(model)  # every tensor, pruned or not, named in the message
     if plan.calibrated and calib is None:
         raise DataError(f"{plan.needs_calibration_by()} needs calibration data (calib token windows)")
     if calib is not None and calib.ndim != 2:
