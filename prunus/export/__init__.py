@@ -103,6 +103,13 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return get_format(detect_format(path)).load_masks(path)
 
 
+def load_quantized(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The quantized weights stored with a checkpoint: module fqn ->
+    :class:`~prunus.core.quant.QuantizedWeight` ({} if none, or if the format stores none)."""
+    verb = getattr(get_format(detect_format(path)).module, "load_quantized", None)
+    return verb(path) if callable(verb) else {}
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata given to :func:`save` (plus provenance); {} for a plain transformers folder."""
     return get_format(detect_format(path)).read_metadata(path)
@@ -110,7 +117,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 __all__ = [
     "ExportInfo", "Format", "FORMATS", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "save", "load",
-    "load_masks", "read_metadata", "read_manifest", "detect_format", "check_manifest_present", "check_checkpoint_path",
+    "load_masks", "load_quantized", "read_metadata", "read_manifest", "detect_format", "check_manifest_present", "check_checkpoint_path",
     "format_names", "get_format", "register_format", "unregister_format", "unique_state",
 ]
 

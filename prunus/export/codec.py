@@ -225,8 +225,8 @@ def _quant_mask(r: Reader, key: str, info: Mapping[str, Any]) -> tuple[Tensor, i
         raise r.corrupt(f"{key}: {e}") from None
 
 
-def _decode_quant(r: Reader, key: str, info: Mapping[str, Any]) -> Tensor:
-    """The dense weight of a quantized ``key``: ``scale * (q - z) * keep``, in the stored dtype."""
+def decode_quantized(r: Reader, key: str, info: Mapping[str, Any]) -> qcodec.QuantizedWeight:
+    """The stored quantized weight ``key`` (codes, scales, zeros, keep), in its codes' layout."""
     keep, kept = _quant_mask(r, key, info)
     zeros = r.get(key + qcodec.ZEROS) if key + qcodec.ZEROS in r.hashes else None
     try:
@@ -238,7 +238,12 @@ def _decode_quant(r: Reader, key: str, info: Mapping[str, Any]) -> Tensor:
         raise
     except Exception as e:  # a quant text that does not parse (SpecError)
         raise r.corrupt(f"{key}: {e}") from None
-    w = qw.dequantize().to(parse_dtype(info.get("dtype", "float32")))
+    return qw
+
+
+def _decode_quant(r: Reader, key: str, info: Mapping[str, Any]) -> Tensor:
+    """The dense weight of a quantized ``key``: ``scale * (q - z) * keep``, in the stored dtype."""
+    w = decode_quantized(r, key, info).dequantize().to(parse_dtype(info.get("dtype", "float32")))
     return w.t().contiguous() if info.get("transposed") else w
 
 

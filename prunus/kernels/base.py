@@ -6,7 +6,7 @@ included). They are for inference: no gradients flow through them.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,8 @@ class SparseLinear(nn.Module):
 
     @staticmethod
     def from_dense(linear: nn.Linear, mask: Optional[Tensor] = None, kernel: str = "auto", *,
-                   pattern: Optional[Pattern] = None, name: str = "layer") -> "SparseLinear":
+                   pattern: Optional[Pattern] = None, name: str = "layer",
+                   qweight: Optional[Any] = None) -> "SparseLinear":
         """Build the sparse replacement of ``linear`` keeping the weights where ``mask`` is True.
 
         Args:
@@ -107,6 +108,9 @@ class SparseLinear(nn.Module):
                 use :func:`prunus.kernels.plans.plan_model` to keep only kernels that pay.
             pattern: the mask's pattern, if known; inferred from the mask when a kernel needs it.
             name: the layer's name, used in error messages.
+            qweight: the layer's stored :class:`~prunus.core.quant.QuantizedWeight`, for the
+                kernels that compute with integer codes (``cpu_int8``, ...); its keep mask is the
+                layer's mask. ``linear.weight`` must be its dequantized value.
 
         Raises:
             KernelError: unknown kernel, absent device, unavailable build, or a mask the kernel
@@ -120,9 +124,15 @@ class SparseLinear(nn.Module):
                               f"shape {tuple(weight.shape)}")
         mask = mask.to(device=weight.device, dtype=torch.bool)
         bias = None if linear.bias is None else linear.bias.detach()
-        spec = select_kernel(kernel, weight, mask, pattern, name)
+        quant = None if qweight is None else qweight.quant
+        if qweight is not None and tuple(qweight.codes.shape) != tuple(weight.shape):
+            raise KernelError(f"{name}: quantized weight is {tuple(qweight.codes.shape)} but the layer "
+                              f"is {tuple(weight.shape)}")
+        spec = select_kernel(kernel, weight, mask, pattern, name, quant)
         if spec.needs_pattern and pattern is None:
             pattern = infer_pattern(mask)
+        if spec.quant is not None:
+            return spec.build(weight, mask, bias, pattern, name, qweight=qweight)
         return spec.build(weight, mask, bias, pattern, name)
 
 

@@ -34,8 +34,11 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_sparse.cpp"
-COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr")
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "cpu_sparse.cpp"
+SOURCES = (SOURCE, CSRC / "cpu_quant.cpp")  # common.h is included by both
+COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr", "cpu_int8", "cpu_int4", "cpu_bitmap_int8")
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "seconds": None, "isa": None}
@@ -45,13 +48,33 @@ _state: dict[str, object] = {"loaded": None, "error": None, "seconds": None, "is
 # Building and loading the extension
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def isa() -> tuple[str, list[str]]:
-    """The build variant for this CPU: ``("avx2", ["-mavx2", "-mfma", "-mpopcnt"])`` or
-    ``("base", [])``."""
+    """The build variant for this CPU, detected when the extension is built:
+    ``("avx512", [...])`` where the CPU has AVX-512 F/BW/VL/DQ and VBMI2 (the byte expand the int8
+    bitmap kernel uses), ``("avx2", ["-mavx2", "-mfma", "-mpopcnt"])`` where it has AVX2 and FMA,
+    else ``("base", [])`` (portable loops). ``PRUNUS_ISA=avx2|base`` asks for a lower one."""
     cap = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
-        return "avx2", ["-mavx2", "-mfma", "-mpopcnt"]
-    return "base", []
+    if platform.machine().lower() not in ("x86_64", "amd64") or cap not in ("AVX2", "AVX512"):
+        return "base", []
+    want = os.environ.get("PRUNUS_ISA", "")
+    if want == "base":
+        return "base", []
+    avx2 = ["-mavx2", "-mfma", "-mpopcnt"]
+    if want != "avx2" and cap == "AVX512" and set(AVX512_FLAGS) <= cpu_flags():
+        return "avx512", avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                 "-mavx512vbmi2"]
+    return "avx2", avx2
 
 
 def _with_ninja_on_path() -> None:
@@ -88,7 +111,7 @@ def load_extension(verbose: bool = False) -> bool:
             _with_ninja_on_path()
             cpp_extension.load(
                 name=f"prunus_cpu_{variant}",
-                sources=[str(SOURCE)],
+                sources=[str(p) for p in SOURCES],
                 extra_cflags=["-O3", *flags, "-ffp-contract=fast", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],  # torch's own libgomp is already loaded: one pool
                 is_python_module=False,

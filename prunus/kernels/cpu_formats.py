@@ -61,7 +61,7 @@ def bitmap_arrays(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     """Bitmap format: (val_ptr int32 (out+1), bits uint8 (out, ceil(in/8)), vals float32).
 
     Bit j of ``bits[r, g]`` keeps ``W[r, 8g + j]``; ``vals`` holds the kept weights row by row in
-    column order, then 8 zeros (the kernel always loads 8 values per group).
+    column order, then 16 zeros (the AVX-512 kernel loads 16 values at a time).
     """
     out_f, in_f = weight.shape
     groups = (in_f + 7) // 8
@@ -71,9 +71,9 @@ def bitmap_arrays(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     bits = (m.reshape(out_f, groups, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
     ptr = torch.zeros(out_f + 1, dtype=torch.int64)
     ptr[1:] = mask.sum(dim=1).cumsum(0)
-    if int(ptr[-1]) + 8 >= 2**31:
+    if int(ptr[-1]) + 16 >= 2**31:
         raise KernelError(f"{out_f}x{in_f} weight has too many non-zeros for the bitmap kernel")
-    vals = torch.cat([weight.detach().float()[mask.bool()], torch.zeros(8)])
+    vals = torch.cat([weight.detach().float()[mask.bool()], torch.zeros(16)])
     return ptr.to(torch.int32), bits.contiguous(), vals.contiguous()
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from prunus.errors import PrunusError
-from prunus.core.spec import NM, Block, Pattern, Unstructured
+from prunus.core.spec import NM, Block, Pattern, Quant, Unstructured
 from prunus.kernels.patterns import mask_satisfies
 
 
@@ -48,6 +48,10 @@ class KernelSpec:
         accepts: an extra ``(weight_shape, pattern) -> bool`` test (e.g. square blocks only).
         description: one line for ``prunus list`` and tables.
         unavailable_reason: why :attr:`available` is False here ('' when it is not known).
+        quant: for a kernel that computes with integer codes, ``(quant, (out, in)) -> bool``: the
+            grids it serves. It then applies only to layers stored quantized, and ``build`` is
+            called with ``qweight=`` (the stored :class:`~prunus.core.quant.QuantizedWeight`).
+            ``None``: a float kernel (it also serves a quantized layer, from the decoded floats).
     """
 
     name: str
@@ -62,9 +66,10 @@ class KernelSpec:
     accepts: Optional[Callable[[tuple[int, int], Pattern], bool]] = field(repr=False, default=None)
     description: str = ""
     unavailable_reason: Callable[[], str] = field(repr=False, default=lambda: "not available here")
+    quant: Optional[Callable[[Quant, tuple[int, int]], bool]] = field(repr=False, default=None)
 
     def applicable(self, weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
-                   dtype: torch.dtype) -> bool:
+                   dtype: torch.dtype, quant: Optional[Quant] = None) -> bool:
         """Whether this kernel can serve a weight of this shape, pattern, device and dtype.
 
         It does not check :attr:`available` (a build or a GPU): :func:`kernels_for` does both.
@@ -76,6 +81,8 @@ class KernelSpec:
         if self.requires is not None and pattern != self.requires:
             return False
         out_f, in_f = weight_shape
+        if self.quant is not None and (quant is None or not self.quant(quant, (out_f, in_f))):
+            return False
         if isinstance(pattern, Block) and (out_f % pattern.rows or in_f % pattern.cols):
             return False
         if isinstance(pattern, NM) and in_f % pattern.m:
@@ -139,10 +146,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def kernels_for(weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
-                dtype: torch.dtype, *, available_only: bool = True) -> list[KernelSpec]:
-    """Kernels applicable to this layer, highest priority first (only available ones by default)."""
+                dtype: torch.dtype, *, available_only: bool = True,
+                quant: Optional[Quant] = None) -> list[KernelSpec]:
+    """Kernels applicable to this layer, highest priority first (only available ones by default);
+    ``quant``: the layer's stored grid, which admits the integer kernels that serve it."""
     load_backends()
-    out = [k for k in KERNELS.values() if k.applicable(weight_shape, pattern, device, dtype)
+    out = [k for k in KERNELS.values() if k.applicable(weight_shape, pattern, device, dtype, quant)
            and (not available_only or k.available())]
     return sorted(out, key=lambda k: -k.priority)
 
@@ -154,11 +163,12 @@ def available_kernels() -> dict[str, bool]:
 
 
 def select_kernel(kernel: str, weight: Tensor, mask: Tensor, pattern: Optional[Pattern],
-                  name: str) -> KernelSpec:
-    """Resolve ``kernel`` ("auto" or a name) for one layer, or raise a KernelError naming it."""
+                  name: str, quant: Optional[Quant] = None) -> KernelSpec:
+    """Resolve ``kernel`` ("auto" or a name) for one layer, or raise a KernelError naming it;
+    ``quant`` is the layer's stored grid (None: a float layer)."""
     device, dtype, shape = weight.device, weight.dtype, tuple(weight.shape)
     if kernel == "auto":
-        found = kernels_for(shape, pattern or Unstructured(), device, dtype)
+        found = kernels_for(shape, pattern or Unstructured(), device, dtype, quant=quant)
         if not found:
             raise KernelError(f"{name}: no available sparse kernel for a {dtype} weight on "
                               f"{device.type}; registered: {', '.join(sorted(KERNELS))}")
@@ -173,10 +183,17 @@ def select_kernel(kernel: str, weight: Tensor, mask: Tensor, pattern: Optional[P
         raise KernelError(f"{name}: kernel {spec.name!r} takes "
                           f"{', '.join(str(d).replace('torch.', '') for d in spec.dtypes)}, "
                           f"not {str(dtype).replace('torch.', '')}")
+    if spec.quant is not None and quant is None:
+        raise KernelError(f"{name}: kernel {spec.name!r} computes with stored integer weights, and "
+                          f"this layer is not stored quantized (prune with a spec such as "
+                          f"50%+int8, or choose a float kernel)")
+    if spec.quant is not None and not spec.quant(quant, (shape[0], shape[1])):
+        raise KernelError(f"{name}: kernel {spec.name!r} cannot serve {quant} on a "
+                          f"{shape[0]}x{shape[1]} weight")
     if spec.requires is not None and not mask_satisfies(mask, spec.requires):
         raise KernelError(f"{name}: kernel {spec.name!r} needs a {spec.requires} mask, but this "
                           f"layer's mask is not {spec.requires}")
-    if pattern is not None and not spec.applicable(shape, pattern, device, dtype):
+    if pattern is not None and not spec.applicable(shape, pattern, device, dtype, quant):
         raise KernelError(f"{name}: kernel {spec.name!r} cannot serve pattern {pattern} on a "
                           f"{shape[0]}x{shape[1]} weight")
     if not spec.available():

@@ -151,7 +151,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
                 bias: Optional[Tensor] = None, pattern: Optional[Pattern] = None,
                 threads: Optional[int] = None, repeats: int = 15, warmup: int = 3,
                 min_sample_ms: float = 2.0, seed: int = 0, name: str = "layer",
-                dtype: Optional[torch.dtype] = None, cold: bool = False) -> list[Timing]:
+                dtype: Optional[torch.dtype] = None, cold: bool = False,
+                qweight: Optional[Any] = None) -> list[Timing]:
     """Time dense ``F.linear`` against each kernel on one layer, per token count.
 
     Args:
@@ -170,6 +171,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
         cold: flush the last-level cache before every call, so the weights come from memory as
             they do in a model too large for the cache (LLM decode); warm (the default) times a
             layer whose weights stay cached between calls, which flatters small dense layers.
+        qweight: the layer's stored quantized weight (its dequantized value is the weight): the
+            integer kernels that serve its grid are timed too.
 
     Returns:
         One :class:`Timing` per (kernel, token count), kernels in the given or priority order.
@@ -193,14 +196,16 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
     pattern = pattern or infer_pattern(mask)
     out_f, in_f = weight.shape
     if kernels is None:
-        specs = [k.name for k in kernels_for((out_f, in_f), pattern, dev, dtype)]
+        specs = [k.name for k in kernels_for((out_f, in_f), pattern, dev, dtype,
+                                             quant=None if qweight is None else qweight.quant)]
     else:
         specs = [get_kernel(k).name for k in kernels]
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device=dev, dtype=dtype)
     lin.weight.data.copy_(weight)
     if bias is not None:
         lin.bias.data.copy_(bias)
-    modules = [SparseLinear.from_dense(lin, mask, k, pattern=pattern, name=name) for k in specs]
+    modules = [SparseLinear.from_dense(lin, mask, k, pattern=pattern, name=name, qweight=qweight)
+               for k in specs]
     masked = weight * mask
     sparsity = 1.0 - float(mask.float().mean())
     gen = torch.Generator(device="cpu").manual_seed(seed)

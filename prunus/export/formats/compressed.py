@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from prunus.errors import CheckpointError
 from prunus.export import floatcode, qcodec
-from prunus.export.codec import (BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
+from prunus.export.codec import (decode_quantized, BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
                                  VALUES, Reader, decode, decode_mask, encode, encoded_bytes,
                                  header_format, iter_state, weights_file)
 from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, error_line, folder_bytes, with_provenance,
@@ -328,6 +328,30 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             if info.get("encoding", "dense") != "dense" and info.get("masked", True):
                 masks.update(masks_by_module(decode_mask(r, key, info)[0], info))
     return masks
+
+
+def load_quantized(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The stored quantized weights as :class:`~prunus.core.quant.QuantizedWeight` (codes, scales,
+    zero points, keep mask; (out, in) layout), by module fqn: a tied weight under every module that
+    shares it (an int8 embedding also under the ``lm_head`` tied to it). {} when none is quantized.
+
+    This is what the quantized kernels are built from, so they compute with the stored integers,
+    not with integers recovered from the dequantized floats.
+    """
+    out: dict[str, Any] = {}
+    with Reader(weights_file(path)) as r:
+        man = r.manifest
+        aliases: dict[str, list[str]] = {}
+        for alias, source in man.get("tied", {}).items():
+            aliases.setdefault(source, []).append(alias)
+        for key, info in man["tensors"].items():
+            if info.get("encoding") != qcodec.ENCODING or info.get("transposed"):
+                continue
+            qw = decode_quantized(r, key, info)
+            for k in [key, *aliases.get(key, [])]:
+                if k.endswith(".weight"):
+                    out[k[: -len(".weight")]] = qw
+    return out
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

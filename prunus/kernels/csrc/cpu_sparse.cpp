@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -29,7 +30,10 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
+using prunus_kernels::for_rows;
 
 // Rows processed through all token tiles before moving on (their weights stay in L1/L2).
 constexpr int64_t kRowChunk = 8;
@@ -41,38 +45,6 @@ typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
 inline void store8(float* p, v8f v) { *reinterpret_cast<v8f_u*>(p) = v; }
 inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
-
-// Split [0, rows) into `parts` contiguous ranges with about equal non-zero counts.
-// ptr has rows + 1 entries (a CSR/BSR row pointer); returns parts + 1 boundaries.
-std::vector<int64_t> balanced_split(const int32_t* ptr, int64_t rows, int64_t parts) {
-  std::vector<int64_t> bounds(parts + 1, rows);
-  bounds[0] = 0;
-  const int64_t total = ptr[rows];
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t want = total * p / parts;
-    bounds[p] = std::lower_bound(ptr, ptr + rows + 1, static_cast<int32_t>(want)) - ptr;
-    bounds[p] = std::max(bounds[p], bounds[p - 1]);
-  }
-  return bounds;
-}
-
-// Run f(row_begin, row_end) over [0, rows) on torch's threads, balanced by non-zeros.
-template <typename F>
-void for_rows(const int32_t* ptr, int64_t rows, int64_t work, const F& f) {
-  int64_t threads = at::get_num_threads();
-  // Below ~32k multiply-adds a second thread costs more to wake than it saves.
-  if (threads <= 1 || work < (1 << 15) || at::in_parallel_region()) {
-    f(0, rows);
-    return;
-  }
-  threads = std::min<int64_t>(threads, rows);
-  const std::vector<int64_t> bounds = balanced_split(ptr, rows, threads);
-  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1]);
-    }
-  });
-}
 
 // xt (in, Np) = x (N, in)^T, zero-padded to Np columns.
 at::Tensor transpose_pad(const at::Tensor& x, int64_t np) {
@@ -256,7 +228,7 @@ inline float hsum8(__m256 v) {
 // T tokens (rows of x, stride ldx) at once; U groups per step into U accumulator sets so that
 // U * T multiply-add chains are in flight.
 template <int T>
-void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+void bitmap_rows_avx2(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
                  const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
                  int64_t out, int64_t r0, int64_t r1) {
   constexpr int U = T >= 4 ? 1 : 4 / T;
@@ -291,6 +263,90 @@ void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, in
     }
   }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// AVX-512: 16 columns per step, expanded with one vexpandps from the 16-bit mask of two groups.
+template <int T>
+void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                 const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                 int64_t out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* b = bits + r * G;
+    const float* p = vals + vptr[r];
+    __m512 acc[2][T];
+    for (int u = 0; u < 2; ++u)
+      for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+      uint32_t k32;
+      std::memcpy(&k32, b + g, 4);
+      const __mmask16 k0 = static_cast<__mmask16>(k32), k1 = static_cast<__mmask16>(k32 >> 16);
+      const __m512 w0 = _mm512_maskz_expand_ps(k0, _mm512_loadu_ps(p));
+      p += __builtin_popcount(k0);
+      const __m512 w1 = _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(p));
+      p += __builtin_popcount(k1);
+      for (int t = 0; t < T; ++t) {
+        acc[0][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + 8 * g), acc[0][t]);
+        acc[1][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + 8 * g + 16), acc[1][t]);
+      }
+    }
+    float tail[T] = {};
+    for (; g < G; ++g) {
+      for (unsigned m = b[g]; m; m &= m - 1) {
+        const int64_t c = 8 * g + __builtin_ctz(m);
+        const float w = *p++;
+        for (int t = 0; t < T; ++t) tail[t] += w * x[t * ldx + c];
+      }
+    }
+    const float bv = bias ? bias[r] : 0.f;
+    for (int t = 0; t < T; ++t)
+      y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])) + tail[t] + bv;
+  }
+}
+
+// Row r as a dense float row of G * 8 columns (the prefill path).
+inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                             int64_t r, float* o) {
+  const uint8_t* b = bits + r * G;
+  const float* p = vals + vptr[r];
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {
+    uint16_t k;
+    std::memcpy(&k, b + g, 2);
+    _mm512_storeu_ps(o + 8 * g, _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p)));
+    p += __builtin_popcount(k);
+  }
+  for (; g < G; ++g) {
+    _mm256_storeu_ps(o + 8 * g, expand8(p, b[g]));
+    p += __builtin_popcount(b[g]);
+  }
+}
+#else
+template <int T>
+void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                 const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                 int64_t out, int64_t r0, int64_t r1) {
+  bitmap_rows_avx2<T>(bits, vptr, vals, G, x, ldx, bias, y, ldy, out, r0, r1);
+}
+
+inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                             int64_t r, float* o) {
+  const uint8_t* b = bits + r * G;
+  const float* p = vals + vptr[r];
+  for (int64_t g = 0; g < G; ++g) {
+    _mm256_storeu_ps(o + 8 * g, expand8(p, b[g]));
+    p += __builtin_popcount(b[g]);
+  }
+}
+
+inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                             int64_t r, float* o) {
+  const uint8_t* b = bits + r * G;
+  const float* p = vals + vptr[r];
+  for (int64_t g = 0; g < G; ++g)
+    for (int j = 0; j < 8; ++j) o[8 * g + j] = (b[g] >> j) & 1 ? *p++ : 0.f;
+}
+#endif
 #else
 template <int T>
 void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
@@ -323,7 +379,7 @@ at::Tensor bitmap_linear(const at::Tensor& x_in, const at::Tensor& vptr_t, const
   const int64_t G = bits_t.size(1), n = x_in.size(0), in = x_in.size(1);
   TORCH_CHECK((in + 7) / 8 == G, "prunus_cpu: bits do not match in_features");
   const int32_t* vptr = vptr_t.data_ptr<int32_t>();
-  TORCH_CHECK(vals_t.numel() >= vptr[out] + 8, "prunus_cpu: values need 8 zeros of padding");
+  TORCH_CHECK(vals_t.numel() >= vptr[out] + 16, "prunus_cpu: values need 16 zeros of padding");
   // The kernel reads x in whole groups of 8 columns: pad a copy when in is not a multiple of 8.
   at::Tensor x = x_in.contiguous();
   if (in % 8) {
@@ -331,9 +387,18 @@ at::Tensor bitmap_linear(const at::Tensor& x_in, const at::Tensor& vptr_t, const
     xp.narrow(1, 0, in).copy_(x);
     x = xp;
   }
+  const uint8_t* bits = bits_t.data_ptr<uint8_t>();
+  if (n >= 16) {  // prefill: decode the rows and let oneDNN/MKL do the product
+    at::Tensor wd = at::empty({out, G * 8}, x.options());
+    float* wp = wd.data_ptr<float>();
+    const float* vs = vals_t.data_ptr<float>();
+    prunus_kernels::for_even_rows(out, out * G * 8, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) bitmap_row_dense(bits, vptr, vs, G, r, wp + r * G * 8);
+    });
+    return at::linear(x, wd, bias);
+  }
   at::Tensor y = at::empty({n, out}, x.options());
   if (n == 0) return y;
-  const uint8_t* bits = bits_t.data_ptr<uint8_t>();
   const float* vals = vals_t.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* xd = x.data_ptr<float>();

@@ -1,0 +1,179 @@
+"""Kernels for weights stored quantized (``50%+int8``, ``2:4+int4``, ``int8``...), registered on import.
+
+They compute with the stored integer codes (:func:`prunus.export.load_quantized`), weight-only:
+activations stay float32 and every weight decodes to exactly ``QuantizedWeight.dequantize()``.
+
+- ``cpu_int8``: dense int8 codes, per channel or per group (compiled; AVX-512 where built for it).
+  Reads a quarter of the bytes of float32; pruned weights are code 0, so it serves any mask.
+- ``cpu_int4``: dense int4 codes, two per byte (compiled). An eighth of float32's bytes.
+- ``cpu_bitmap_int8``: one bit per weight plus the kept weights as int8 (compiled, AVX-512 VBMI2
+  byte expand): at 50% or 2:4, 0.625 bytes per weight against int8's 1. Symmetric int8 and int4.
+- ``torch_int``: the pure-PyTorch fallback: it keeps the int8 codes (a quarter of the memory of
+  float32) and decodes them at each call. Always available, slower than dense float32.
+
+From 16 tokens (prefill) the compiled kernels decode the weight into a float32 scratch matrix and
+call the dense product, so prefill runs at the dense path's speed plus the decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prunus.core.quant import QuantizedWeight
+from prunus.core.spec import Pattern, Quant
+from prunus.kernels import cpu
+from prunus.kernels.base import SparseLinear
+from prunus.kernels.cpu_formats import check_weight
+from prunus.kernels.patterns import ALL_PATTERNS
+from prunus.kernels.quant_formats import (bitmap_mask, bitmap_q8_arrays, bitmap_q8_serves,
+                                          expand_groups, q4_arrays, q4_codes, q4_serves, q8_arrays,
+                                          q8_serves)
+from prunus.kernels.registry import KernelError, KernelSpec, register_kernel
+
+
+class Int8Linear(SparseLinear):
+    """Dense int8 codes (``cpu_int8``)."""
+
+    kernel = "cpu_int8"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
+        codes, scales, zeros, self.group = q8_arrays(qw)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        codes, scales, zeros, bias = self.cached(("codes", "scales", "zeros", "bias"))
+        return torch.ops.prunus_cpu.q8_linear(x, codes, scales, zeros, bias, self.group)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.codes.numel())
+
+    def dense_weight(self) -> Tensor:
+        q = self.codes.float()
+        if self.zeros is not None:
+            q = q - expand_groups(self.zeros, self.group, self.in_features)
+        return q * expand_groups(self.scales, self.group, self.in_features)
+
+
+class Int4Linear(SparseLinear):
+    """Dense int4 codes, two per byte (``cpu_int4``)."""
+
+    kernel = "cpu_int4"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
+        packed, scales, zeros, self.group = q4_arrays(qw)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        packed, scales, zeros, bias = self.cached(("packed", "scales", "zeros", "bias"))
+        return torch.ops.prunus_cpu.q4_linear(x, packed, scales, zeros, bias, self.group,
+                                              self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.packed.numel() * 2)
+
+    def dense_weight(self) -> Tensor:
+        q = q4_codes(self.packed, self.in_features).float()
+        q = q - expand_groups(self.zeros, self.group, self.in_features)
+        return q * expand_groups(self.scales, self.group, self.in_features)
+
+
+class BitmapInt8Linear(SparseLinear):
+    """Bitmap of the kept weights plus their int8 values (``cpu_bitmap_int8``)."""
+
+    kernel = "cpu_bitmap_int8"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
+        ptr, bits, vals, scales, self.group = bitmap_q8_arrays(qw)
+        self.register_buffer("val_ptr", ptr, persistent=False)
+        self.register_buffer("bits", bits, persistent=False)
+        self.register_buffer("val", vals, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        ptr, bits, val, scales, bias = self.cached(("val_ptr", "bits", "val", "scales", "bias"))
+        return torch.ops.prunus_cpu.bitmap_q8_linear(x, ptr, bits, val, scales, bias, self.group,
+                                                     self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.val_ptr[-1])
+
+    def dense_weight(self) -> Tensor:
+        m = bitmap_mask(self.bits, self.in_features)
+        w = torch.zeros(self.out_features, self.in_features)
+        w[m] = self.val[: self.nnz].float()
+        return w * expand_groups(self.scales, self.group, self.in_features)
+
+
+class TorchIntLinear(SparseLinear):
+    """Pure-PyTorch fallback (``torch_int``): int8-held codes, decoded at every call."""
+
+    kernel = "torch_int"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
+        codes, scales, zeros, self.group = q8_arrays(qw) if qw.quant.bits == 8 else \
+            ((qw.codes.to(torch.int16) - (0 if qw.quant.symmetric else 8)).to(torch.int8),
+             qw.scales.float(), None if qw.zeros is None else qw.zeros.float() - 8.0, qw.group)
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.contiguous(), persistent=False)
+        self.register_buffer("zeros", None if zeros is None else zeros.contiguous(), persistent=False)
+
+    def dense_weight(self) -> Tensor:
+        q = self.codes.float()
+        if self.zeros is not None:
+            q = q - expand_groups(self.zeros, self.group, self.in_features)
+        return q * expand_groups(self.scales, self.group, self.in_features)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.codes.numel())
+
+
+def _builder(cls: type, serves):  # type: ignore[no-untyped-def]
+    def build(weight: Tensor, mask: Tensor, bias: Optional[Tensor], pattern: Optional[Pattern],
+              name: str, *, qweight: Optional[QuantizedWeight] = None) -> SparseLinear:
+        check_weight(weight, name)
+        if qweight is None:
+            raise KernelError(f"{name}: kernel {cls.kernel!r} needs the layer's stored quantized "
+                              f"weight")
+        if not serves(qweight.quant, tuple(weight.shape)):
+            raise KernelError(f"{name}: kernel {cls.kernel!r} cannot serve {qweight.quant} on a "
+                              f"{weight.shape[0]}x{weight.shape[1]} weight")
+        return cls(qweight, bias)
+    return build
+
+
+def _any(quant: Quant, shape: tuple[int, int]) -> bool:
+    return True
+
+
+F32 = (torch.float32,)
+for _name, _cls, _serves, _prio, _avail, _desc in (
+        ("cpu_int8", Int8Linear, q8_serves, 30, cpu.compiled_available,
+         "compiled int8 weights (per channel or group), float32 activations"),
+        ("cpu_int4", Int4Linear, q4_serves, 32, cpu.compiled_available,
+         "compiled int4 weights (groups), float32 activations"),
+        ("cpu_bitmap_int8", BitmapInt8Linear, bitmap_q8_serves, 31, cpu.compiled_available,
+         "compiled bitmap + int8 values (sparse and quantized)"),
+        ("torch_int", TorchIntLinear, _any, 1, lambda: True,
+         "PyTorch fallback: integer codes decoded at each call")):
+    register_kernel(KernelSpec(_name, "cpu", F32, ALL_PATTERNS, _builder(_cls, _serves), _avail,
+                               priority=_prio, description=_desc, quant=_serves,
+                               unavailable_reason=cpu.unavailable_reason))
