@@ -125,7 +125,7 @@ def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
         from prunus.kernels.plans import PLAN_KEY, apply_stored_plan  # lazy: only for a plan
 
         if PLAN_KEY in meta:
-            apply_stored_plan(model, meta, export.load_masks(path))
+            apply_stored_plan(model, meta, export.load_masks(path), export.load_quantized(path))
     return model
 
 

@@ -127,7 +127,24 @@ def load_extension(verbose: bool = False) -> bool:
             return False
         _state.update(loaded=True, error=None, seconds=time.perf_counter() - start,
                       isa=str(torch.ops.prunus_cpu.isa()))
+        _register_fakes()
         return True
+
+
+def _register_fakes() -> None:
+    """Shape functions of the ops, so that ``torch.compile`` can trace a model that calls them
+    (each op returns a new (N, out) float32 tensor)."""
+    def out_of(name: str, rows):  # type: ignore[no-untyped-def]
+        def fake(x, *args):  # type: ignore[no-untyped-def]
+            return x.new_empty((x.shape[0], rows(args)))
+        torch.library.register_fake(f"prunus_cpu::{name}")(fake)
+
+    for name in ("csr_linear", "bsr_linear", "bitmap_linear"):
+        out_of(name, lambda a: a[-2])  # (..., bias, out_features, in_features)
+    for name in ("q8_linear", "q4_linear", "bitmap_q8_linear"):
+        # codes / packed (out, .) or, for the bitmap, bits (out, words): the first array after
+        # val_ptr has out rows
+        out_of(name, lambda a, n=name: (a[1] if n == "bitmap_q8_linear" else a[0]).shape[0])
 
 
 def compiled_available() -> bool:

@@ -56,6 +56,7 @@ class LayerPlan:
     kernel: str
     reason: str
     timings: tuple[Timing, ...] = ()
+    quant: str = ""  # the layer's stored grid ("int8", "int4g64"); "" when stored as floats
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -70,7 +71,7 @@ class LayerPlan:
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerPlan":
         return cls(str(d["name"]), int(d["out_features"]), int(d["in_features"]),
                    str(d["pattern"]), float(d["sparsity"]), str(d["kernel"]), str(d["reason"]),
-                   tuple(Timing(**t) for t in d.get("timings", ())))
+                   tuple(Timing(**t) for t in d.get("timings", ())), str(d.get("quant", "")))
 
 
 @dataclass(frozen=True)
@@ -187,15 +188,20 @@ def _decide(timings: Sequence[Timing], tokens: Sequence[int], margin: float) -> 
     return "dense", f"best {best} {ss} at {ts} tokens, below {margin:g}x"
 
 
-def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[str, nn.Linear]]:
+def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor],
+                   qweights: Mapping[str, Any]) -> list[tuple[str, nn.Linear]]:
+    """The linears with a mask, and those stored quantized (an int8 ``lm_head`` tied to the
+    embedding included), in model order."""
     found = {name: m for name, m in model.named_modules() if name in masks}
+    found.update({name: m for name, m in model.named_modules()
+                  if name in qweights and name not in found and isinstance(m, (nn.Linear, SparseLinear))})
     for name in masks:
         if name not in found:
             raise KernelError(f"mask for {name!r} has no matching module in the model")
         if not isinstance(found[name], (nn.Linear, SparseLinear)):
             raise KernelError(f"{name!r} is a {type(found[name]).__name__}; sparse kernels replace "
                               f"nn.Linear only")
-    return [(name, m) for name, m in model.named_modules() if name in masks]  # model order
+    return [(name, m) for name, m in model.named_modules() if name in found]  # model order
 
 
 def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_list: Sequence[int],
@@ -203,7 +209,8 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                kernels: Optional[Sequence[str]] = None, threads: Optional[int] = None,
                patterns: Optional[Mapping[str, Pattern]] = None, reuse: bool = True,
                repeats: int = 9, warmup: int = 2, min_sample_ms: float = 2.0, cold: bool = True,
-               progress: Optional[Callable[[str], None]] = None) -> Plan:
+               progress: Optional[Callable[[str], None]] = None,
+               qweights: Optional[Mapping[str, Any]] = None) -> Plan:
     """Measure every masked linear layer and keep a sparse kernel only where it pays.
 
     Args:
@@ -221,11 +228,16 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
             a model's weights stream from memory at every decode step unless the whole model
             fits in the cache, and a warm loop over one small layer would flatter dense.
         progress: called with one line per measured layer.
+        qweights: layer name -> stored :class:`~prunus.core.quant.QuantizedWeight`
+            (:func:`prunus.export.load_quantized`): those layers are planned too (a mask is not
+            needed) and the integer kernels serving their grid compete with the float ones.
 
     Raises:
-        KernelError: no masks, a mask without a matching ``nn.Linear``, CUDA absent.
+        KernelError: no masks nor quantized layers, a mask without a matching ``nn.Linear``, CUDA absent.
     """
-    if not masks:
+    qweights = dict(qweights or {})
+    masks = dict(masks or {})
+    if not masks and not qweights:
         raise KernelError("the model has no masks: choosing kernels (runtime 'auto') needs the "
                           "keep-masks saved at prune time")
     dev = resolve_device(device)
@@ -236,22 +248,29 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
     cache: dict[tuple, tuple[str, list[Timing]]] = {}
     dtype = None
     with num_threads(threads) as nt:
-        for name, module in _linear_layers(model, masks):
+        for name, module in _linear_layers(model, masks, qweights):
             weight = module.weight.detach()
             dtype = dtype or weight.dtype
-            mask = masks[name].to(weight.device, torch.bool)
+            qw = qweights.get(name)
+            if qw is not None and tuple(qw.codes.shape) != tuple(weight.shape):
+                raise KernelError(f"{name}: the stored quantized weight is {tuple(qw.codes.shape)} "
+                                  f"but the layer is {tuple(weight.shape)}")
+            mask = masks[name] if name in masks else qw.keep
+            mask = mask.to(weight.device, torch.bool)
             if tuple(mask.shape) != tuple(weight.shape):
                 raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight "
                                   f"shape {tuple(weight.shape)}")
             pattern = (patterns or {}).get(name) or infer_pattern(mask)
             sparsity = 1.0 - float(mask.float().mean())
             out_f, in_f = weight.shape
-            names = [k.name for k in kernels_for((out_f, in_f), pattern, dev, weight.dtype)]
+            quant = None if qw is None else qw.quant
+            names = [k.name for k in kernels_for((out_f, in_f), pattern, dev, weight.dtype,
+                                                 quant=quant)]
             if kernels is not None:
                 wanted = [get_kernel(k).name for k in kernels]
                 names = [k for k in names if k in wanted]
             key = (out_f, in_f, str(pattern), round(sparsity, 3), module.bias is not None,
-                   tuple(names))
+                   tuple(names), str(quant))
             note = ""
             if reuse and key in cache:
                 source, timings = cache[key]
@@ -260,12 +279,12 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                 timings = time_linear(module, mask, tokens, dev, names, pattern=pattern,
                                       repeats=repeats, warmup=warmup,
                                       min_sample_ms=min_sample_ms, name=name,
-                                      cold=cold) if names else []
+                                      cold=cold, qweight=qw) if names else []
                 cache[key] = (name, timings)
             kernel, reason = _decide(timings, tokens, margin)
             layers_out.append(LayerPlan(name, out_f, in_f, format_sparsity(pattern, sparsity),
                                         round(sparsity, 6), kernel, reason + note,
-                                        tuple(timings)))
+                                        tuple(timings), "" if quant is None else str(quant)))
             if progress is not None:
                 progress(f"{name}: {kernel}: {reason}{note}")
     return Plan(dev.type, dtype_name(dtype or torch.float32), nt, tokens, float(margin),
@@ -273,7 +292,7 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
 
 
 def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]] = None, *,
-               strict: bool = False) -> dict[str, str]:
+               strict: bool = False, qweights: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
     """Swap in place the layers the plan made sparse; returns layer name -> kernel applied.
 
     Args:
@@ -282,6 +301,8 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
         masks: layer name -> keep-mask; a layer without one keeps its non-zero weights.
         strict: raise when a planned kernel is unavailable here; by default warn and keep the
             layer dense (a missing build must not make the model wrong or slower).
+        qweights: layer name -> stored quantized weight, for the layers planned on an integer
+            kernel (:func:`prunus.export.load_quantized`); without it such a layer is an error.
     """
     plan.check(model)
     if plan.device == "cuda":
@@ -305,9 +326,17 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
                 raise KernelError(msg)
             warnings.warn(msg + "; the layer stays dense", RuntimeWarning, stacklevel=2)
             continue
+        qw = (qweights or {}).get(layer.name)
+        if spec.quant is not None and qw is None:
+            raise KernelError(f"{layer.name}: planned kernel {layer.kernel!r} computes with the "
+                              f"stored integer weights, and none were given for this layer (load "
+                              f"the checkpoint with prunus.load, or pass qweights=)")
         mask = None if masks is None else masks.get(layer.name)
+        if mask is None and qw is not None:
+            mask = qw.keep
         sparse = SparseLinear.from_dense(module, mask, layer.kernel, pattern=layer.parsed_pattern,
-                                         name=layer.name)
+                                         name=layer.name,
+                                         qweight=qw if spec.quant is not None else None)
         parent_name, _, child = layer.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, sparse)
@@ -315,12 +344,13 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
     return applied
 
 
-def apply_stored_plan(model: nn.Module, metadata: Mapping[str, Any], masks: Mapping[str, Tensor]) -> dict[str, str]:
+def apply_stored_plan(model: nn.Module, metadata: Mapping[str, Any], masks: Mapping[str, Tensor],
+                      qweights: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
     """Apply the kernel plan recorded in a checkpoint's metadata (none: nothing happens)."""
     if PLAN_KEY not in metadata:
         return {}
     plan = Plan.from_dict(metadata[PLAN_KEY])
-    return apply_plan(model, plan, masks)
+    return apply_plan(model, plan, masks, qweights=qweights)
 
 
 __all__ = ["PLAN_KEY", "LayerPlan", "Plan", "apply_plan", "apply_stored_plan", "plan_model"]

@@ -100,14 +100,16 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         raise CheckpointError(f"{checkpoint} is not a prunus checkpoint; --runtime auto needs the masks "
                               f"that `prunus prune --out` stores")
     masks = export.load_masks(checkpoint)
-    if not masks:
-        raise CheckpointError(f"{checkpoint} stores no masks; --runtime auto needs a pruned checkpoint")
+    qweights = export.load_quantized(checkpoint)
+    if not masks and not qweights:
+        raise CheckpointError(f"{checkpoint} stores no masks nor quantized weights; --runtime auto "
+                              f"needs a pruned or quantized checkpoint")
     model = export.load(checkpoint)  # dense: the plan stored there (if any) is not applied
     meta = dict(export.read_metadata(checkpoint))
     plan = None
     if runtime == "auto":
         plan = plan_model(model, masks, tokens, opts.margin, device=device, threads=opts.threads,
-                          progress=lambda s: log(s))
+                          progress=lambda s: log(s), qweights=qweights)
         meta[PLAN_KEY] = plan.to_dict()
     else:
         meta.pop(PLAN_KEY, None)
@@ -119,7 +121,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     except Exception:  # a checkpoint saved without a tokenizer is still exportable
         tok = None
     info = export.save(model, out, format="compressed", masks=masks, metadata=meta, tokenizer=tok,
-                       overwrite=overwrite)
+                       overwrite=overwrite, **({"quant": qweights} if qweights else {}))
     return info, plan
 
 

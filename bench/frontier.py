@@ -1,0 +1,353 @@
+"""The CPU speed-quality frontier of SmolLM2-135M: what a user gets from each way of making it
+smaller, measured side by side in one run.
+
+Rows (each measured in its own process, one after another, so peak RSS is that row's own and no
+row shares the cores with another):
+
+- transformers dense fp32 and bf16; torch int8 dynamic quantization of every linear
+  (``torch.ao.quantization.quantize_dynamic``, what a PyTorch user picks instead);
+- llama.cpp Q8_0, Q4_1 and F16 (``bench/peer_llamacpp.py`` in its own venv, made by
+  ``bench/setup_llamacpp.sh``; skipped with a note when that venv is absent);
+- prunus at {50%, 2:4, 70%} x {fp32, int8, int4g64} (plus dense int8), pruned with ``--method``
+  (SparseGPT by default, which prunes and quantizes in one OBS pass), exported with
+  ``prunus export --runtime auto --tokens 1`` (every layer measured, a kernel kept only where it
+  is faster than dense), and loaded with ``prunus.load``: perplexity and speed are those of the
+  model as it runs, kernels in place;
+- ``+compile`` rows: the same model after ``torch.compile`` (decode and prefill only; the
+  perplexity is that of the eager row, the weights being the same).
+
+Per row: perplexity over the first ``--windows`` windows of ``--eval`` (prunus's
+``eval_windows``; llama.cpp scores the very same token ids), batch-1 decode tokens/s (a
+``--prompt-tokens`` prompt, then ``--new-tokens`` greedy tokens, median of 3), the prefill time of
+the prompt, size on disk and peak RSS. Output: a markdown table, JSON rows (``--json``, written
+after every row, atomically) and a plot of perplexity against decode speed with the Pareto front
+(``--plot``).
+
+    bash scripts/setup.sh && bash bench/setup_llamacpp.sh
+    .venv/bin/python bench/frontier.py --json runs/frontier.json --plot runs/frontier.png
+
+Pruned checkpoints are cached in ``--work`` (default ``runs/frontier-work``), so a rerun only
+measures. ``--only NAME,...`` runs some rows; ``--windows 4 --nsamples 4`` makes a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PY = ROOT / ".venv-llamacpp/bin/python"
+SPARSITIES = ("0.5", "2:4", "0.7")
+QUANTS = ("", "+int8", "+int4g64")  # int4 in groups of 64: 576, SmolLM2's width, is not a multiple of 128
+
+
+def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"name": "dense fp32", "kind": "dense"},
+        {"name": "dense bf16", "kind": "bf16"},
+        {"name": "torch int8 dynamic", "kind": "int8dyn"},
+        {"name": "prunus int8 (dense)", "kind": "prunus", "spec": "int8"},
+    ]
+    for sp in SPARSITIES:
+        for q in QUANTS:
+            rows.append({"name": f"prunus {sp}{q}", "kind": "prunus", "spec": f"{sp}{q}"})
+    for name in a.compile_rows.split(",") if a.compile_rows else []:
+        base = next((r for r in rows if r["name"] == name.strip()), None)
+        if base is not None:
+            rows.append({**base, "name": base["name"] + " +compile", "compile": True})
+    if a.only:
+        keep = {n.strip() for n in a.only.split(",")}
+        rows = [r for r in rows if r["name"] in keep]
+    return rows
+
+
+def slug(spec: str, method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{method}_{spec}")
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
+
+
+def _run(cmd: list[str], log) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    log(" ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if r.returncode != 0:
+        log(r.stderr.strip()[-2000:])
+    return r
+
+
+def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # type: ignore[no-untyped-def]
+    """Prune (cached) and export with a measured kernel plan (cached); the runtime folder."""
+    work = Path(a.work)
+    name = slug(row["spec"], a.method)
+    ck, rt = work / f"ck-{name}", work / f"rt-{name}"
+    py = [sys.executable, "-m", "prunus"]
+    if not (ck / "prunus.json").is_file():
+        t0 = time.perf_counter()
+        r = _run(py + ["prune", a.model, "--method", a.method, "--sparsity", row["spec"], "--calib",
+                       a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+                       "--no-baselines", "--quiet", "--out", str(ck), "--overwrite"], log)
+        if r.returncode != 0:
+            return None
+        (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    if not (rt / "prunus.json").is_file():
+        r = _run(py + ["export", str(ck), "--runtime", "auto", "--tokens", "1", "--threads",
+                       str(a.threads), "--out", str(rt), "--overwrite"], log)
+        if r.returncode != 0:
+            return None
+    return rt
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and
+               p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+
+
+def measure_one(a: argparse.Namespace) -> dict[str, Any]:
+    """The ``--one`` mode: load one configuration, measure it, return its row."""
+    import torch
+    from torch import nn
+
+    from prunus.evaluate import peak_rss_mb, perplexity
+    from prunus.io import data
+    from prunus.io.models import load_checkpoint, load_model
+    from prunus.kernels.base import SparseLinear
+    from prunus.kernels.timing import time_generate
+
+    torch.set_num_threads(a.threads)
+    row = json.loads(a.one)
+    kind = row["kind"]
+    note = ""
+    base, tok = load_model(a.model)
+    if kind == "dense":
+        model = base
+        size = sum(t.numel() * t.element_size() for t in {id(t): t for t in base.state_dict().values()}.values())
+    elif kind == "bf16":
+        model = base.to(torch.bfloat16)
+        size = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    elif kind == "int8dyn":
+        model = torch.ao.quantization.quantize_dynamic(base, {nn.Linear}, dtype=torch.qint8)
+        tmp = Path(a.work) / "int8dyn.pt"
+        torch.save(model.state_dict(), tmp)
+        size = tmp.stat().st_size
+        tmp.unlink()
+    else:
+        rt = Path(row["runtime_dir"])
+        del base
+        model = load_checkpoint(str(rt))
+        size = folder_bytes(rt)
+        kinds: dict[str, int] = {}
+        for m in model.modules():
+            if isinstance(m, SparseLinear):
+                kinds[m.kernel] = kinds.get(m.kernel, 0) + 1
+        note = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "all dense"
+    model.eval()
+    ids = data.tokenize(data.resolve_text(a.eval), tok)
+    windows = data.eval_windows(ids, a.seqlen, a.windows)
+    ppl = None
+    if not row.get("compile"):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ppl = perplexity(model, windows, progress=False)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    prompt = windows[0:1, : a.prompt_tokens]
+    with torch.inference_mode():
+        if row.get("compile"):
+            from prunus.kernels.compiled_model import compile_model
+
+            t0 = time.perf_counter()
+            compile_model(model)
+            time_generate(model, prompt, 4, repeats=1)  # compiles (prefill and decode graphs)
+            row["compile_seconds"] = round(time.perf_counter() - t0, 1)
+        speed = time_generate(model, prompt, a.new_tokens, repeats=3)
+    row.update(ppl=None if ppl is None else round(ppl, 3), decode_tok_s=round(speed["decode_tok_s"], 2),
+               prefill_ms=round(speed["prefill_s"] * 1e3, 1), bytes=int(size),
+               peak_rss_mb=round(peak_rss_mb(), 1), kernels=note, threads=a.threads)
+    return row
+
+
+def llamacpp_rows(a: argparse.Namespace, log) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    if not LLAMA_PY.exists():
+        log(f"llama.cpp rows skipped: {LLAMA_PY} is absent (bash bench/setup_llamacpp.sh)")
+        return []
+    out = Path(a.work) / "llamacpp.json"
+    r = _run([str(LLAMA_PY), str(ROOT / "bench/peer_llamacpp.py"), "--formats", a.llama_formats,
+              "--threads", str(a.threads), "--windows", str(a.windows), "--seqlen", str(a.seqlen),
+              "--eval", a.eval, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens",
+              str(a.new_tokens), "--work", str(Path(a.work) / "gguf"), "--json", str(out)], log)
+    if r.returncode != 0:
+        return [{"name": "llama.cpp", "kind": "llamacpp", "error": (r.stderr.strip().splitlines() or ["?"])[-1]}]
+    doc = json.loads(out.read_text())
+    rows = []
+    for x in doc["rows"]:
+        rows.append({"name": f"llama.cpp {x['format']}", "kind": "llamacpp", "ppl": x.get("ppl"),
+                     "decode_tok_s": x.get("decode_tok_s"), "prefill_ms": x.get("prefill_ms"),
+                     "bytes": x.get("bytes"), "peak_rss_mb": x.get("peak_rss_mb"),
+                     "kernels": doc.get("runtime", ""), "threads": a.threads})
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from prunus.kernels.timing import _last_level_cache_bytes
+
+    from prunus.kernels import cpu as kcpu
+
+    return {"cpu": cpu, "l3_mb": _last_level_cache_bytes(torch.device("cpu")) >> 20,
+            "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": kcpu.build_info().get("isa"),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def pareto(rows: list[dict[str, Any]]) -> set[str]:
+    """Names of the rows no other row beats on both perplexity (lower) and decode speed (higher)."""
+    pts = [r for r in rows if r.get("ppl") and r.get("decode_tok_s")]
+    front = set()
+    for r in pts:
+        if not any(o is not r and o["ppl"] <= r["ppl"] and o["decode_tok_s"] >= r["decode_tok_s"]
+                   and (o["ppl"] < r["ppl"] or o["decode_tok_s"] > r["decode_tok_s"]) for o in pts):
+            front.add(r["name"])
+    return front
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    dense = next((r for r in rows if r["name"] == "dense fp32" and r.get("decode_tok_s")), None)
+    front = pareto(rows)
+    lines = ["| configuration | ppl | decode tok/s | vs fp32 | prefill 128 ms | size MB | peak RSS MB | kernels |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        sp = f"{r['decode_tok_s'] / dense['decode_tok_s']:.2f}x" if dense and r.get("decode_tok_s") else ""
+        star = " *" if r["name"] in front else ""
+        ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "(eager row)"
+        lines.append(f"| {r['name']}{star} | {ppl} | {r.get('decode_tok_s', '')} | {sp} | "
+                     f"{r.get('prefill_ms', '')} | {r.get('bytes', 0) / 2**20:.1f} | "
+                     f"{r.get('peak_rss_mb', '')} | {r.get('kernels', '')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto(rows)
+    pts = [r for r in rows if r.get("ppl") and r.get("decode_tok_s")]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {"prunus": "tab:blue", "llamacpp": "tab:orange"}
+    for r in pts:
+        c = colors.get(r["kind"], "tab:gray")
+        ax.scatter(r["decode_tok_s"], r["ppl"], c=c, s=60 if r["name"] in front else 25,
+                   edgecolors="black" if r["name"] in front else "none")
+        ax.annotate(r["name"], (r["decode_tok_s"], r["ppl"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    fr = sorted((r for r in pts if r["name"] in front), key=lambda r: r["decode_tok_s"])
+    ax.plot([r["decode_tok_s"] for r in fr], [r["ppl"] for r in fr], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel("batch-1 decode tokens/s (higher is better)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M on CPU: quality against decode speed")
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="sparsegpt")
+    ap.add_argument("--calib", default="book:emma")
+    ap.add_argument("--eval", default="book:pride")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--llama-formats", default="Q8_0,Q4_1,F16")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--compile-rows", default="dense fp32,prunus int8 (dense),prunus 2:4+int8",
+                    help="rows to repeat after torch.compile ('' for none)")
+    ap.add_argument("--only", help="comma-separated row names")
+    ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    for name in ("nsamples", "seqlen", "windows", "threads", "prompt_tokens", "new_tokens"):
+        if getattr(a, name) < 1:
+            print(f"frontier: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if a.one:
+        print(json.dumps(measure_one(a)), flush=True)
+        return 0
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    doc: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(a).items() if k != "one"},
+                           "rows": []}
+    for row in rows_wanted(a):
+        if row["kind"] == "prunus":
+            rt = prepare(row, a, log)
+            if rt is None:
+                doc["rows"].append({**row, "error": "prune or export failed (see the log)"})
+                continue
+            row["runtime_dir"] = str(rt)
+            sec = Path(a.work) / f"{slug(row['spec'], a.method)}.prune_seconds"
+            if sec.exists():
+                row["prune_seconds"] = float(sec.read_text())
+        cmd = [sys.executable, __file__, "--one", json.dumps(row)] + [
+            f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
+            ("model", "eval", "seqlen", "windows", "threads", "prompt_tokens", "new_tokens", "work")]
+        r = _run(cmd, log)
+        if r.returncode != 0:
+            doc["rows"].append({**row, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            doc["rows"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        log(json.dumps(doc["rows"][-1]))
+        if a.json:
+            write_json(doc, a.json)
+    if not a.skip_llamacpp and not a.only:
+        doc["rows"] += llamacpp_rows(a, log)
+    if a.json:
+        write_json(doc, a.json)
+    print(table(doc["rows"]))
+    print(f"\n* on the Pareto front. Machine: {doc['machine']}")
+    if a.plot:
+        plot(doc["rows"], a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
