@@ -120,7 +120,7 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
 
     from prunus.evaluate import peak_rss_mb, perplexity
     from prunus.io import data
-    from prunus.io.models import load_checkpoint, load_model
+    from prunus.io.models import load_model
     from prunus.kernels.base import SparseLinear
     from prunus.kernels.timing import time_generate
 
@@ -128,7 +128,8 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
     row = json.loads(a.one)
     kind = row["kind"]
     note = ""
-    base, tok = load_model(a.model)
+    if kind != "prunus":
+        base, tok = load_model(a.model)
     if kind == "dense":
         model = base
         size = sum(t.numel() * t.element_size() for t in {id(t): t for t in base.state_dict().values()}.values())
@@ -143,8 +144,7 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
         tmp.unlink()
     else:
         rt = Path(row["runtime_dir"])
-        del base
-        model = load_checkpoint(str(rt))
+        model, tok = load_model(str(rt), runtime="auto")  # prunus.load: the planned kernels in place
         size = folder_bytes(rt)
         kinds: dict[str, int] = {}
         for m in model.modules():
@@ -154,12 +154,6 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     ids = data.tokenize(data.resolve_text(a.eval), tok)
     windows = data.eval_windows(ids, a.seqlen, a.windows)
-    ppl = None
-    if not row.get("compile"):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            ppl = perplexity(model, windows, progress=False)
-        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
     prompt = windows[0:1, : a.prompt_tokens]
     with torch.inference_mode():
         if row.get("compile"):
@@ -170,9 +164,16 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
             time_generate(model, prompt, 4, repeats=1)  # compiles (prefill and decode graphs)
             row["compile_seconds"] = round(time.perf_counter() - t0, 1)
         speed = time_generate(model, prompt, a.new_tokens, repeats=3)
+    rss = peak_rss_mb()  # loaded and run, before the perplexity pass (as the llama.cpp peer)
+    ppl = None
+    if not row.get("compile"):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ppl = perplexity(model, windows, progress=False)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
     row.update(ppl=None if ppl is None else round(ppl, 3), decode_tok_s=round(speed["decode_tok_s"], 2),
                prefill_ms=round(speed["prefill_s"] * 1e3, 1), bytes=int(size),
-               peak_rss_mb=round(peak_rss_mb(), 1), kernels=note, threads=a.threads)
+               peak_rss_mb=round(rss, 1), kernels=note, threads=a.threads)
     return row
 
 

@@ -71,6 +71,8 @@ def _add_runtime(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="end-to-end prefill length")
     p.add_argument("--new-tokens", type=int, default=32, help="end-to-end decode length")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the planned model after torch.compile (minutes to compile)")
     p.add_argument("--json", help="write the timings to this JSON file")
     p = sub.add_parser("export", help="re-save a pruned checkpoint with a measured per-layer kernel plan")
     p.add_argument("checkpoint", help="a prunus checkpoint (with masks)")
@@ -115,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_out_file(args.json)  # before anything is loaded or timed
     res = bench_model(args.model, device=args.device, tokens=_tokens(args.tokens), threads=args.threads,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                      log=lambda s: print(s, file=sys.stderr))
+                      log=lambda s: print(s, file=sys.stderr), compile=args.compile)
     best: dict[tuple, dict] = {}
     for r in res["layers"]:
         k = (r["layer"], r["tokens"])
@@ -129,6 +131,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{e['dense']['prefill_s'] * 1e3:.1f} -> {e['planned']['prefill_s'] * 1e3:.1f} ms "
           f"({e['prefill_speedup']:.2f}x); decode {e['dense']['decode_tok_s']:.1f} -> "
           f"{e['planned']['decode_tok_s']:.1f} tok/s ({e['decode_speedup']:.2f}x)")
+    if "compiled" in e:
+        print(f"after torch.compile: prefill {e['compiled']['prefill_s'] * 1e3:.1f} ms; decode "
+              f"{e['compiled']['decode_tok_s']:.1f} tok/s ({e['compiled_decode_speedup']:.2f}x dense)")
     if args.json:
         write_json(res, args.json)
     return 0

@@ -82,7 +82,19 @@ def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 1, device
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` of a process started by another one
+    also counts the parent's pages at the fork, so a benchmark's child would report its parent's
+    size. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

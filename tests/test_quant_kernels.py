@@ -171,3 +171,30 @@ def test_apply_plan_without_qweights_is_clear(tmp_path, quantized):
                                                            "test", (), "int8"),))
     with pytest.raises(KernelError, match="stored integer weights"):
         apply_plan(model, plan, export.load_masks(quantized))
+
+
+@needs_build
+def test_quantized_plan_where_its_kernels_cannot_run(tmp_path, quantized, monkeypatch):
+    """A plan naming an integer kernel this machine cannot run: the layer runs dense from its
+    decoded floats (same logits), with a warning that says so and why."""
+    import dataclasses
+
+    import prunus
+    from prunus.kernels import registry
+
+    out = tmp_path / "planned"
+    assert main(["export", str(quantized), "--runtime", "auto", "--out", str(out), "--margin", "1e-9",
+                 "--tokens", "1"]) == 0
+    planned_kernels = {layer["kernel"] for layer in
+                       prunus.export.read_metadata(out)["kernel_plan"]["layers"]}
+    for name in planned_kernels - {"dense"}:
+        spec = registry.KERNELS[name]
+        monkeypatch.setitem(registry.KERNELS, name, dataclasses.replace(
+            spec, available=lambda: False, unavailable_reason=lambda: "no compiler here"))
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        model = prunus.load(out)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    dense = prunus.load(out, runtime="dense")
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits)

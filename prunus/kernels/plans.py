@@ -317,14 +317,20 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
             continue
         if module.weight.device.type != plan.device:
             raise KernelError(f"{layer.name}: the plan was measured on {plan.device}, but the "
-                              f"layer is on {module.weight.device.type}")
+                              f"layer is on {module.weight.device.type}; load it on "
+                              f"{plan.device}, or with runtime='dense' (decoded float weights, any "
+                              f"device), or re-plan there with prunus export --device "
+                              f"{module.weight.device.type}")
         spec = KERNELS.get(layer.kernel)
         if spec is None or not spec.available():
             msg = (f"{layer.name}: planned kernel {layer.kernel!r} is "
-                   f"{'not registered' if spec is None else 'unavailable'} here")
+                   f"{'not registered' if spec is None else 'unavailable'} here"
+                   f"{'' if spec is None else ' (' + spec.unavailable_reason() + ')'}")
             if strict:
                 raise KernelError(msg)
-            warnings.warn(msg + "; the layer stays dense", RuntimeWarning, stacklevel=2)
+            warnings.warn(msg + "; the layer runs dense" + (" from its decoded float weights"
+                                                             if layer.quant else ""),
+                          RuntimeWarning, stacklevel=2)
             continue
         qw = (qweights or {}).get(layer.name)
         if spec.quant is not None and qw is None:

@@ -60,6 +60,13 @@ def check_tokens(tokens: Sequence[int], owner: str) -> list[int]:
     return vals
 
 
+def quantized_for(source: str) -> dict[str, Any]:
+    """The stored quantized weights of a prunus checkpoint ({} for any other model)."""
+    if (Path(source) / "prunus.json").is_file():
+        return export.load_quantized(source)
+    return {}
+
+
 def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
     """The keep masks of a prunus checkpoint; for any other model, its non-zero pattern."""
     if (Path(source) / "prunus.json").is_file():
@@ -127,11 +134,15 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
 
 def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1, 16, 128),
                 threads: Optional[int] = None, prompt_tokens: int = 128, new_tokens: int = 32,
-                margin: float = 1.1, log: Callable[[str], None] = print) -> dict[str, Any]:
+                margin: float = 1.1, log: Callable[[str], None] = print,
+                compile: bool = False) -> dict[str, Any]:
     """Per-layer timings (dense vs every applicable kernel) and end-to-end prefill/decode.
 
     The end-to-end numbers compare the dense model with the same model after a plan made for
     batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
+    A checkpoint stored quantized has its integer kernels timed too (the dense reference is the
+    decoded float32 weight). ``compile``: time the planned model once more after
+    ``torch.compile`` (:mod:`prunus.kernels.compiled_model`), under ``end_to_end["compiled"]``.
     """
     opts = build_options(BenchOptions, {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                                         "margin": margin, "threads": threads}, "prunus bench")
@@ -141,24 +152,37 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     model, _ = load_model(source, runtime="dense")  # every layer dense: bench times them all itself
     model.to(dev)
     masks = masks_for(source, model)
+    qweights = quantized_for(source)
     rows, seen = [], {}
     mods = dict(model.named_modules())
-    for name, mask in masks.items():
-        lin = mods[name]
+    names = list(masks) + [n for n in qweights if n not in masks and isinstance(mods.get(n), nn.Linear)]
+    for name in names:
+        lin, qw = mods[name], qweights.get(name)
+        mask = masks[name] if name in masks else qw.keep
         sp = round(1.0 - float(mask.sum()) / mask.numel(), 3)
-        key = (tuple(lin.weight.shape), sp, lin.bias is not None)
-        if key not in seen:  # the same shape and sparsity is measured once
-            seen[key] = time_linear(lin, mask, list(tokens), device=dev, threads=threads, name=name)
-            log(f"measured {name} {tuple(lin.weight.shape)} at sparsity {sp}")
+        key = (tuple(lin.weight.shape), sp, lin.bias is not None, None if qw is None else str(qw.quant))
+        if key not in seen:  # the same shape, sparsity and grid is measured once
+            seen[key] = time_linear(lin, mask, list(tokens), device=dev, threads=threads, name=name,
+                                    qweight=qw)
+            log(f"measured {name} {tuple(lin.weight.shape)} at sparsity {sp}"
+                f"{'' if qw is None else f' ({qw.quant})'}")
         for t in seen[key]:
             rows.append({"layer": name, **t.to_dict()})
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=dev)
     dense = time_generate(model, prompt, new_tokens)
-    plan = plan_model(model, masks, [1], margin, device=dev, threads=threads)
-    applied = apply_plan(model, plan, masks)
+    plan = plan_model(model, masks, [1], margin, device=dev, threads=threads, qweights=qweights)
+    applied = apply_plan(model, plan, masks, qweights=qweights)
     sparse = time_generate(model, prompt, new_tokens)
+    e2e = {"dense": dense, "planned": sparse,
+           "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
+           "decode_speedup": sparse["decode_tok_s"] / dense["decode_tok_s"]}
+    if compile:
+        from prunus.kernels.compiled_model import compile_model
+
+        compile_model(model)
+        time_generate(model, prompt, 4, repeats=1)  # the first calls compile
+        e2e["compiled"] = time_generate(model, prompt, new_tokens)
+        e2e["compiled_decode_speedup"] = e2e["compiled"]["decode_tok_s"] / dense["decode_tok_s"]
     return {"model": source, "device": str(dev), "threads": threads or torch.get_num_threads(),
             "layers": rows, "plan": plan.to_dict(), "sparse_layers": len(applied),
-            "end_to_end": {"dense": dense, "planned": sparse,
-                           "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
-                           "decode_speedup": sparse["decode_tok_s"] / dense["decode_tok_s"]}}
+            "quantized_layers": len(qweights), "end_to_end": e2e}
