@@ -100,6 +100,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
         if r.returncode != 0:
             return None
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    if a.prune_only:
+        return ck
     if not (rt / "prunus.json").is_file():
         r = _run(py + ["export", str(ck), "--runtime", "auto", "--tokens", "1", "--threads",
                        str(a.threads), "--out", str(rt), "--overwrite"], log)
@@ -302,6 +304,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--prune-only", action="store_true",
+                    help="only prune (and cache) the prunus checkpoints, measure nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     for name in ("nsamples", "seqlen", "windows", "threads", "prompt_tokens", "new_tokens"):
@@ -318,6 +322,11 @@ def main() -> int:
 
     doc: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(a).items() if k != "one"},
                            "rows": []}
+    if a.prune_only:
+        for row in rows_wanted(a):
+            if row["kind"] == "prunus" and not row.get("compile"):
+                log(f"{row['name']}: {'ok' if prepare(row, a, log) else 'FAILED'}")
+        return 0
     for row in rows_wanted(a):
         if row["kind"] == "prunus":
             rt = prepare(row, a, log)

@@ -82,6 +82,9 @@ def _add_runtime(sub: Any) -> None:
     p.add_argument("--tokens", default="1", help="token counts the model will run at (a kernel must win at all)")
     p.add_argument("--margin", type=float, default=1.1, help="required speedup over dense")
     p.add_argument("--threads", type=int)
+    p.add_argument("--act-int8", action="store_true",
+                   help="let W8A8 kernels (activations rounded to int8 per token) compete for int8 "
+                        "layers: faster, not exact")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -144,7 +147,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info, plan = export_runtime(args.checkpoint, args.out, runtime=args.runtime, tokens=_tokens(args.tokens),
                                 margin=args.margin, device=args.device, threads=args.threads,
-                                overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr))
+                                overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr),
+                                act_int8=args.act_int8)
     if plan is not None:
         print(plan.table())
     print(f"saved {info.path}: {info.bytes / 2**20:.1f} MiB ({info.bytes / max(1, info.dense_bytes):.2f}x of dense)"

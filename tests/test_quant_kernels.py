@@ -198,3 +198,61 @@ def test_quantized_plan_where_its_kernels_cannot_run(tmp_path, quantized, monkey
     ids = torch.randint(0, 300, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+def _vnni():
+    return compiled_available() and bool(torch.ops.prunus_cpu.vnni())
+
+
+@pytest.mark.skipif(not _vnni(), reason="no AVX-512 VNNI build here")
+@pytest.mark.parametrize("kernel", ["cpu_int8_a8", "cpu_bitmap_int8_a8"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_w8a8_matches_its_own_definition(kernel, sparsity):
+    """W8A8 = the product of the int8 weight with the activation rounded per token to int8:
+    checked against that definition in float64 (and it is NOT the float product)."""
+    lin, keep, qw = _layer(33, 100, sparsity, "int8")
+    m = SparseLinear.from_dense(lin, keep, kernel, qweight=qw)
+    for n in (1, 2, 5, 19):
+        x = torch.randn(n, 100)
+        sx = x.abs().amax(1, keepdim=True) / 127
+        xq = torch.clamp(torch.round(x / sx), -127, 127) * sx
+        want = F.linear(xq.double(), qw.dequantize().double(), lin.bias.double())
+        assert float((m(x).double() - want).abs().max()) < 1e-4
+    if sparsity < 1.0:
+        x = torch.randn(4, 100)
+        assert float((m(x) - F.linear(x, qw.dequantize(), lin.bias)).abs().max()) > 1e-5
+
+
+def test_w8a8_only_when_asked():
+    from prunus.kernels.registry import kernels_for
+    from prunus.core.spec import Unstructured
+
+    q = parse_quant("int8")
+    exact = {k.name for k in kernels_for((8, 64), Unstructured(), "cpu", torch.float32, quant=q,
+                                         available_only=False)}
+    approx = {k.name for k in kernels_for((8, 64), Unstructured(), "cpu", torch.float32, quant=q,
+                                          available_only=False, approximate=True)}
+    assert "cpu_int8_a8" not in exact and "cpu_int8_a8" in approx
+    assert not KERNELS["cpu_int8_a8"].applicable((8, 64), Unstructured(), "cpu", torch.float32,
+                                                 parse_quant("int8g64"))
+
+
+@needs_build
+def test_compiled_model_with_kernels_matches_eager(tiny_llama):
+    """torch.compile traces the prunus ops (their shape functions are registered)."""
+    from prunus.kernels.compiled_model import compile_model
+
+    model = tiny_llama
+    for name, mod in list(model.named_modules()):
+        for child, lin in list(mod.named_children()):
+            if isinstance(lin, nn.Linear) and child != "lm_head":
+                keep = torch.rand_like(lin.weight) > 0.5
+                qw = rtn(lin.weight.detach(), keep, parse_quant("int8"), child)
+                lin.weight.data = qw.dequantize()
+                kernel = "cpu_bitmap_int8" if "mlp" in name else "cpu_int8"
+                setattr(mod, child, SparseLinear.from_dense(lin, keep, kernel, qweight=qw))
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compile_model(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)

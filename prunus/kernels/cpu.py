@@ -61,8 +61,8 @@ def cpu_flags() -> set[str]:
 
 def isa() -> tuple[str, list[str]]:
     """The build variant for this CPU, detected when the extension is built:
-    ``("avx512", [...])`` where the CPU has AVX-512 F/BW/VL/DQ and VBMI2 (the byte expand the int8
-    bitmap kernel uses), ``("avx2", ["-mavx2", "-mfma", "-mpopcnt"])`` where it has AVX2 and FMA,
+    ``("avx512vnni", [...])`` / ``("avx512", [...])`` where the CPU has AVX-512 F/BW/VL/DQ and
+    VBMI2 (the byte expand the int8 bitmap kernel uses), with or without VNNI (the W8A8 kernels), ``("avx2", ["-mavx2", "-mfma", "-mpopcnt"])`` where it has AVX2 and FMA,
     else ``("base", [])`` (portable loops). ``PRUNUS_ISA=avx2|base`` asks for a lower one."""
     cap = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or cap not in ("AVX2", "AVX512"):
@@ -71,9 +71,12 @@ def isa() -> tuple[str, list[str]]:
     if want == "base":
         return "base", []
     avx2 = ["-mavx2", "-mfma", "-mpopcnt"]
-    if want != "avx2" and cap == "AVX512" and set(AVX512_FLAGS) <= cpu_flags():
-        return "avx512", avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                                 "-mavx512vbmi2"]
+    flags = cpu_flags()
+    if want != "avx2" and cap == "AVX512" and set(AVX512_FLAGS) <= flags:
+        avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi2"]
+        if "avx512_vnni" in flags:  # the W8A8 kernels' vpdpbusd
+            return "avx512vnni", avx512 + ["-mavx512vnni"]
+        return "avx512", avx512
     return "avx2", avx2
 
 

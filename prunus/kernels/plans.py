@@ -210,7 +210,7 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                patterns: Optional[Mapping[str, Pattern]] = None, reuse: bool = True,
                repeats: int = 9, warmup: int = 2, min_sample_ms: float = 2.0, cold: bool = True,
                progress: Optional[Callable[[str], None]] = None,
-               qweights: Optional[Mapping[str, Any]] = None) -> Plan:
+               qweights: Optional[Mapping[str, Any]] = None, approximate: bool = False) -> Plan:
     """Measure every masked linear layer and keep a sparse kernel only where it pays.
 
     Args:
@@ -231,6 +231,8 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
         qweights: layer name -> stored :class:`~prunus.core.quant.QuantizedWeight`
             (:func:`prunus.export.load_quantized`): those layers are planned too (a mask is not
             needed) and the integer kernels serving their grid compete with the float ones.
+        approximate: let the kernels that round the activation too (W8A8, ``exact=False``)
+            compete; a plan then changes the model's numbers, which must be measured.
 
     Raises:
         KernelError: no masks nor quantized layers, a mask without a matching ``nn.Linear``, CUDA absent.
@@ -265,7 +267,7 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
             out_f, in_f = weight.shape
             quant = None if qw is None else qw.quant
             names = [k.name for k in kernels_for((out_f, in_f), pattern, dev, weight.dtype,
-                                                 quant=quant)]
+                                                 quant=quant, approximate=approximate)]
             if kernels is not None:
                 wanted = [get_kernel(k).name for k in kernels]
                 names = [k for k in names if k in wanted]
@@ -279,7 +281,8 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                 timings = time_linear(module, mask, tokens, dev, names, pattern=pattern,
                                       repeats=repeats, warmup=warmup,
                                       min_sample_ms=min_sample_ms, name=name,
-                                      cold=cold, qweight=qw) if names else []
+                                      cold=cold, qweight=qw,
+                                      approximate=approximate) if names else []
                 cache[key] = (name, timings)
             kernel, reason = _decide(timings, tokens, margin)
             layers_out.append(LayerPlan(name, out_f, in_f, format_sparsity(pattern, sparsity),

@@ -111,3 +111,13 @@ def bitmap_mask(bits: Tensor, in_f: int) -> Tensor:
 def expand_groups(t: Tensor, group: int, in_f: int) -> Tensor:
     """(out, G) per-group values -> (out, in)."""
     return t.repeat_interleave(in_f if t.shape[1] == 1 else group, dim=1)[:, :in_f]
+
+
+def a8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
+    """The W8A8 kernels: symmetric int8 with one scale per output channel (``int8``)."""
+    return quant.bits == 8 and quant.symmetric and quant.group is None
+
+
+def code_sums(qw: QuantizedWeight) -> Tensor:
+    """int32 (out,): the sum of each row's codes (pruned ones are 0), for the W8A8 correction."""
+    return qw.codes.to(torch.int32).sum(dim=1).to(torch.int32).contiguous()

@@ -52,6 +52,9 @@ class KernelSpec:
             grids it serves. It then applies only to layers stored quantized, and ``build`` is
             called with ``qweight=`` (the stored :class:`~prunus.core.quant.QuantizedWeight`).
             ``None``: a float kernel (it also serves a quantized layer, from the decoded floats).
+        exact: computes ``x @ W.T`` of the stored weight up to float summation order. ``False``
+            (the W8A8 kernels, which round the activation to int8 too): left out of
+            :func:`kernels_for` and plans unless ``approximate=True`` asks for them.
     """
 
     name: str
@@ -67,6 +70,7 @@ class KernelSpec:
     description: str = ""
     unavailable_reason: Callable[[], str] = field(repr=False, default=lambda: "not available here")
     quant: Optional[Callable[[Quant, tuple[int, int]], bool]] = field(repr=False, default=None)
+    exact: bool = True
 
     def applicable(self, weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
                    dtype: torch.dtype, quant: Optional[Quant] = None) -> bool:
@@ -147,11 +151,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def kernels_for(weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
                 dtype: torch.dtype, *, available_only: bool = True,
-                quant: Optional[Quant] = None) -> list[KernelSpec]:
+                quant: Optional[Quant] = None, approximate: bool = False) -> list[KernelSpec]:
     """Kernels applicable to this layer, highest priority first (only available ones by default);
-    ``quant``: the layer's stored grid, which admits the integer kernels that serve it."""
+    ``quant``: the layer's stored grid, which admits the integer kernels that serve it;
+    ``approximate``: include the kernels that also round the activation (W8A8)."""
     load_backends()
     out = [k for k in KERNELS.values() if k.applicable(weight_shape, pattern, device, dtype, quant)
+           and (k.exact or approximate)
            and (not available_only or k.available())]
     return sorted(out, key=lambda k: -k.priority)
 

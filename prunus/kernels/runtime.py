@@ -78,7 +78,8 @@ def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
 
 def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: Sequence[int] = (1,),
                    margin: float = 1.1, device: str = "cpu", threads: Optional[int] = None,
-                   overwrite: bool = False, log: Callable[[str], None] = print) -> tuple[Any, Any]:
+                   overwrite: bool = False, log: Callable[[str], None] = print,
+                   act_int8: bool = False) -> tuple[Any, Any]:
     """Plan kernels for a pruned checkpoint on this machine and save it with the plan.
 
     Args:
@@ -89,6 +90,8 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         margin: how many times faster than dense a kernel must be.
         device: where to measure; the plan only applies there.
         threads: torch threads for the measurement (default: torch's current setting).
+        act_int8: let the W8A8 kernels (activation rounded to int8 per token) compete for the
+            int8 layers; faster, not exact: measure the perplexity of the result.
 
     Returns:
         ``(ExportInfo, Plan)``.
@@ -116,7 +119,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     plan = None
     if runtime == "auto":
         plan = plan_model(model, masks, tokens, opts.margin, device=device, threads=opts.threads,
-                          progress=lambda s: log(s), qweights=qweights)
+                          progress=lambda s: log(s), qweights=qweights, approximate=act_int8)
         meta[PLAN_KEY] = plan.to_dict()
     else:
         meta.pop(PLAN_KEY, None)

@@ -152,7 +152,7 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
                 threads: Optional[int] = None, repeats: int = 15, warmup: int = 3,
                 min_sample_ms: float = 2.0, seed: int = 0, name: str = "layer",
                 dtype: Optional[torch.dtype] = None, cold: bool = False,
-                qweight: Optional[Any] = None) -> list[Timing]:
+                qweight: Optional[Any] = None, approximate: bool = False) -> list[Timing]:
     """Time dense ``F.linear`` against each kernel on one layer, per token count.
 
     Args:
@@ -173,6 +173,7 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
             layer whose weights stay cached between calls, which flatters small dense layers.
         qweight: the layer's stored quantized weight (its dequantized value is the weight): the
             integer kernels that serve its grid are timed too.
+        approximate: time the kernels that also round the activation (W8A8) too.
 
     Returns:
         One :class:`Timing` per (kernel, token count), kernels in the given or priority order.
@@ -197,7 +198,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
     out_f, in_f = weight.shape
     if kernels is None:
         specs = [k.name for k in kernels_for((out_f, in_f), pattern, dev, dtype,
-                                             quant=None if qweight is None else qweight.quant)]
+                                             quant=None if qweight is None else qweight.quant,
+                                             approximate=approximate)]
     else:
         specs = [get_kernel(k).name for k in kernels]
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device=dev, dtype=dtype)

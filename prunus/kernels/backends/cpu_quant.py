@@ -8,6 +8,10 @@ activations stay float32 and every weight decodes to exactly ``QuantizedWeight.d
 - ``cpu_int4``: dense int4 codes, two per byte (compiled). An eighth of float32's bytes.
 - ``cpu_bitmap_int8``: one bit per weight plus the kept weights as int8 (compiled, AVX-512 VBMI2
   byte expand): at 50% or 2:4, 0.625 bytes per weight against int8's 1. Symmetric int8 and int4.
+- ``cpu_int8_a8`` / ``cpu_bitmap_int8_a8``: W8A8, the activation rounded to int8 as well (one
+  scale per token) and the products summed in int32 by AVX-512 VNNI's vpdpbusd, 64 weights per
+  instruction. Not exact (``exact=False``): a plan uses them only when asked
+  (``prunus export --act-int8``), and perplexity must be measured with them in place.
 - ``torch_int``: the pure-PyTorch fallback: it keeps the int8 codes (a quarter of the memory of
   float32) and decodes them at each call. Always available, slower than dense float32.
 
@@ -29,9 +33,9 @@ from prunus.kernels import cpu
 from prunus.kernels.base import SparseLinear
 from prunus.kernels.cpu_formats import check_weight
 from prunus.kernels.patterns import ALL_PATTERNS
-from prunus.kernels.quant_formats import (bitmap_mask, bitmap_q8_arrays, bitmap_q8_serves,
-                                          expand_groups, q4_arrays, q4_codes, q4_serves, q8_arrays,
-                                          q8_serves)
+from prunus.kernels.quant_formats import (a8_serves, bitmap_mask, bitmap_q8_arrays,
+                                          bitmap_q8_serves, code_sums, expand_groups, q4_arrays,
+                                          q4_codes, q4_serves, q8_arrays, q8_serves)
 from prunus.kernels.registry import KernelError, KernelSpec, register_kernel
 
 
@@ -177,3 +181,53 @@ for _name, _cls, _serves, _prio, _avail, _desc in (
     register_kernel(KernelSpec(_name, "cpu", F32, ALL_PATTERNS, _builder(_cls, _serves), _avail,
                                priority=_prio, description=_desc, quant=_serves,
                                unavailable_reason=cpu.unavailable_reason))
+
+
+def _vnni() -> bool:
+    return cpu.compiled_available() and bool(torch.ops.prunus_cpu.vnni())
+
+
+def _vnni_reason() -> str:
+    return cpu.unavailable_reason() or "the build has no AVX-512 VNNI (the CPU lacks it)"
+
+
+class Int8A8Linear(Int8Linear):
+    """W8A8 (``cpu_int8_a8``): int8 codes and an int8 activation (one scale per token), summed in
+    int32 with vpdpbusd. Approximate: the activation's rounding changes the result."""
+
+    kernel = "cpu_int8_a8"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw, bias)
+        self.register_buffer("scale_rows", self.scales.reshape(-1).contiguous(), persistent=False)
+        self.register_buffer("wsum", code_sums(qw), persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        codes, scales, wsum, bias = self.cached(("codes", "scale_rows", "wsum", "bias"))
+        return torch.ops.prunus_cpu.q8a8_linear(x, codes, scales, wsum, bias)
+
+
+class BitmapInt8A8Linear(BitmapInt8Linear):
+    """W8A8 on the bitmap format (``cpu_bitmap_int8_a8``): expanded codes into vpdpbusd."""
+
+    kernel = "cpu_bitmap_int8_a8"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw, bias)
+        self.register_buffer("scale_rows", self.scales.reshape(-1).contiguous(), persistent=False)
+        self.register_buffer("wsum", code_sums(qw), persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        ptr, bits, val, scales, wsum, bias = self.cached(("val_ptr", "bits", "val", "scale_rows",
+                                                          "wsum", "bias"))
+        return torch.ops.prunus_cpu.bitmap_q8a8_linear(x, ptr, bits, val, scales, wsum, bias,
+                                                       self.in_features)
+
+
+for _name, _cls, _prio, _desc in (
+        ("cpu_int8_a8", Int8A8Linear, 40, "compiled W8A8: int8 weights and activations (VNNI)"),
+        ("cpu_bitmap_int8_a8", BitmapInt8A8Linear, 41,
+         "compiled W8A8 on bitmap + int8 values (VNNI)")):
+    register_kernel(KernelSpec(_name, "cpu", F32, ALL_PATTERNS, _builder(_cls, a8_serves), _vnni,
+                               priority=_prio, description=_desc, quant=a8_serves, exact=False,
+                               unavailable_reason=_vnni_reason))

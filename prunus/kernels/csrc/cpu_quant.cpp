@@ -537,6 +537,178 @@ at::Tensor bitmap_q8_linear(const at::Tensor& x_in, const at::Tensor& vptr_t, co
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// W8A8 (AVX-512 VNNI): the activation is quantized too, per token: sx[t] = max|x[t]| / 127,
+// xq = round(x / sx) in [-127, 127], fed to vpdpbusd as xq + 128 (unsigned); with the int8 weight
+// codes w (pruned ones 0) the int32 sums are exact, and
+//     y[t, r] = s[r] * sx[t] * (sum_c (xq + 128) * w - 128 * sum_c w) + bias[r].
+// One load and one vpdpbusd per 64 weights. This is not weight-only: the activation's rounding
+// changes the result (by about what torch's dynamic int8 quantization or llama.cpp's Q8_0 do), so
+// these kernels are offered only when asked for (prunus export --act-int8).
+
+#if defined(PRUNUS_AVX512) && defined(__AVX512VNNI__)
+#define PRUNUS_VNNI 1
+
+// x (n, in) -> xu (n, W * 64) uint8 (xq + 128, zero-padded columns hold 128), sx (n).
+void quantize_rows(const float* x, int64_t n, int64_t in, int64_t W, uint8_t* xu, float* sx) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xr = x + t * in;
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < in; c += 16)
+      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail16(in - c), xr + c)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    sx[t] = s;
+    const __m512 inv = _mm512_set1_ps(1.f / s);
+    uint8_t* o = xu + t * W * 64;
+    std::memset(o, 128, W * 64);
+    for (int64_t c = 0; c < in; c += 16) {
+      const __mmask16 k = tail16(in - c);
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr + c), inv));
+      const __m512i u = _mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)),
+                                                          _mm512_set1_epi32(-127)),
+                                         _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(o + c, k, _mm512_cvtepi32_epi8(u));
+    }
+  }
+}
+
+inline __mmask64 tail64(int64_t n) {
+  return n >= 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
+}
+
+// Dense int8 codes q (out, in): rows [r0, r1), tokens in tiles of up to 4.
+template <int RB, int T>
+void a8_dense_block(const int8_t* q, int64_t in, int64_t W, const uint8_t* xu, int64_t r,
+                    __m512i (&acc)[RB][T]) {
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < W; ++b) {
+    const __mmask64 k = tail64(in - 64 * b);
+    __m512i xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xu + t * W * 64 + 64 * b);
+    for (int i = 0; i < RB; ++i) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(k, q + (r + i) * in + 64 * b);
+      for (int t = 0; t < T; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], xv[t], wv);
+    }
+  }
+}
+
+// One bitmap row: the expanded codes of each 64-column word feed every token of the tile.
+template <int T>
+void a8_bitmap_row(const B8& w, const uint8_t* xu, int64_t r, __m512i (&acc)[1][T]) {
+  for (int t = 0; t < T; ++t) acc[0][t] = _mm512_setzero_si512();
+  const int8_t* p = w.vals + w.vptr[r];
+  const uint64_t* bits = w.bits + r * w.W;
+  for (int64_t j = 0; j < w.W; ++j) {
+    const uint64_t k = bits[j];
+    if (k == 0) continue;
+    const __m512i v = _mm512_maskz_expand_epi8(static_cast<__mmask64>(k),
+                                               _mm512_loadu_si512(reinterpret_cast<const void*>(p)));
+    p += _mm_popcnt_u64(k);
+    for (int t = 0; t < T; ++t)
+      acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], _mm512_loadu_si512(xu + t * w.W * 64 + 64 * j), v);
+  }
+}
+#endif  // VNNI
+
+// y = s[r] * sx[t] * (acc - 128 * wsum[r]) + bias, for the a8 ops.
+at::Tensor a8_linear(const at::Tensor& x_in, const at::Tensor& codes_or_bits, const at::Tensor& vptr_t,
+                     const at::Tensor& vals_t, const at::Tensor& scales, const at::Tensor& wsum_t,
+                     const c10::optional<at::Tensor>& bias, int64_t in, bool bitmap) {
+#ifndef PRUNUS_VNNI
+  TORCH_CHECK(false, "prunus_cpu: the W8A8 kernels need a build with AVX-512 VNNI");
+  return x_in;
+#else
+  const int64_t out = codes_or_bits.size(0);
+  check_x(x_in, in, bias, out);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == out,
+              "prunus_cpu: W8A8 needs one float32 scale per output channel");
+  TORCH_CHECK(wsum_t.scalar_type() == at::kInt && wsum_t.is_contiguous() && wsum_t.numel() == out,
+              "prunus_cpu: W8A8 needs the int32 code sum of every row");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), W = (in + 63) / 64;
+  at::Tensor y = at::empty({n, out}, x.options());
+  if (n == 0) return y;
+  std::vector<uint8_t> xu(n * W * 64);
+  std::vector<float> sx(n);
+  quantize_rows(x.data_ptr<float>(), n, in, W, xu.data(), sx.data());
+  const float* s = scales.data_ptr<float>();
+  const int32_t* wsum = wsum_t.data_ptr<int32_t>();
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yd = y.data_ptr<float>();
+  auto finish = [&](int64_t r, int64_t t, __m512i acc) {
+    const int64_t isum = static_cast<int64_t>(_mm512_reduce_add_epi32(acc)) - 128 * int64_t{wsum[r]};
+    yd[t * out + r] = s[r] * sx[t] * static_cast<float>(isum) + (b ? b[r] : 0.f);
+  };
+  if (!bitmap) {
+    TORCH_CHECK(codes_or_bits.scalar_type() == at::kChar && codes_or_bits.is_contiguous() &&
+                    codes_or_bits.size(1) == in, "prunus_cpu: int8 codes must be contiguous (out, in)");
+    const int8_t* q = codes_or_bits.data_ptr<int8_t>();
+    for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
+      token_tiles(n, [&](auto tc, int64_t t0) {
+        constexpr int T = decltype(tc)::value;
+        const uint8_t* xt = xu.data() + t0 * W * 64;
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+          __m512i acc[4][T];
+          a8_dense_block<4, T>(q, in, W, xt, r, acc);
+          for (int i = 0; i < 4; ++i)
+            for (int t = 0; t < T; ++t) finish(r + i, t0 + t, acc[i][t]);
+        }
+        for (; r < r1; ++r) {
+          __m512i acc[1][T];
+          a8_dense_block<1, T>(q, in, W, xt, r, acc);
+          for (int t = 0; t < T; ++t) finish(r, t0 + t, acc[0][t]);
+        }
+      });
+    });
+  } else {
+    TORCH_CHECK(codes_or_bits.scalar_type() == at::kLong && codes_or_bits.size(1) == W,
+                "prunus_cpu: bits must be int64 words (out, ceil(in / 64))");
+    const int32_t* vptr = vptr_t.data_ptr<int32_t>();
+    TORCH_CHECK(vals_t.numel() >= static_cast<int64_t>(vptr[out]) + 64,
+                "prunus_cpu: values need 64 bytes of padding");
+    const B8 w{vptr, reinterpret_cast<const uint64_t*>(codes_or_bits.data_ptr<int64_t>()),
+               vals_t.data_ptr<int8_t>(), s, in, W, 1, 62};
+    for_rows(vptr, out, (static_cast<int64_t>(vptr[out]) + out * W * 8) * n, [&](int64_t r0, int64_t r1) {
+      token_tiles(n, [&](auto tc, int64_t t0) {
+        constexpr int T = decltype(tc)::value;
+        const uint8_t* xt = xu.data() + t0 * W * 64;
+        for (int64_t r = r0; r < r1; ++r) {
+          __m512i acc[1][T];
+          a8_bitmap_row<T>(w, xt, r, acc);
+          for (int t = 0; t < T; ++t) finish(r, t0 + t, acc[0][t]);
+        }
+      });
+    });
+  }
+  return y;
+#endif
+}
+
+at::Tensor q8a8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const at::Tensor& wsum, const c10::optional<at::Tensor>& bias) {
+  return a8_linear(x, codes, codes, codes, scales, wsum, bias, codes.size(1), false);
+}
+
+at::Tensor bitmap_q8a8_linear(const at::Tensor& x, const at::Tensor& vptr, const at::Tensor& bits,
+                              const at::Tensor& vals, const at::Tensor& scales, const at::Tensor& wsum,
+                              const c10::optional<at::Tensor>& bias, int64_t in) {
+  TORCH_CHECK(vptr.scalar_type() == at::kInt && vals.scalar_type() == at::kChar,
+              "prunus_cpu: bitmap arrays have the wrong types");
+  return a8_linear(x, bits, vptr, vals, scales, wsum, bias, in, true);
+}
+
+bool vnni() {
+#ifdef PRUNUS_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool quant_simd() {
 #ifdef PRUNUS_AVX512
   return true;
@@ -551,11 +723,16 @@ TORCH_LIBRARY_FRAGMENT(prunus_cpu, m) {
   m.def("q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, int group) -> Tensor");
   m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, Tensor? bias, int group, int in_features) -> Tensor");
   m.def("bitmap_q8_linear(Tensor x, Tensor val_ptr, Tensor bits, Tensor val, Tensor scales, Tensor? bias, int group, int in_features) -> Tensor");
+  m.def("q8a8_linear(Tensor x, Tensor codes, Tensor scales, Tensor wsum, Tensor? bias) -> Tensor");
+  m.def("bitmap_q8a8_linear(Tensor x, Tensor val_ptr, Tensor bits, Tensor val, Tensor scales, Tensor wsum, Tensor? bias, int in_features) -> Tensor");
   m.def("quant_simd() -> bool", quant_simd);
+  m.def("vnni() -> bool", vnni);
 }
 
 TORCH_LIBRARY_IMPL(prunus_cpu, CPU, m) {
   m.impl("q8_linear", q8_linear);
   m.impl("q4_linear", q4_linear);
   m.impl("bitmap_q8_linear", bitmap_q8_linear);
+  m.impl("q8a8_linear", q8a8_linear);
+  m.impl("bitmap_q8a8_linear", bitmap_q8a8_linear);
 }

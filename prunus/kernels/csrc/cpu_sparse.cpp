@@ -563,7 +563,9 @@ at::Tensor bsr_linear(const at::Tensor& x_in, const at::Tensor& bptr_t, const at
 
 // The instruction set this build targets, so Python can report it.
 std::string isa() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return "avx512+vnni";
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma";
