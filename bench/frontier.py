@@ -13,6 +13,9 @@ row shares the cores with another):
   ``prunus export --runtime auto --tokens 1`` (every layer measured, a kernel kept only where it
   is faster than dense), and loaded with ``prunus.load``: perplexity and speed are those of the
   model as it runs, kernels in place;
+- ``W8A8`` rows: the same int8 checkpoints exported with ``--act-int8``, which lets the kernels
+  that round the activation to int8 too (one scale per token, int32 sums with AVX-512 VNNI)
+  compete; their perplexity is measured with them in place;
 - ``+compile`` rows: the same model after ``torch.compile`` (decode and prefill only; the
   perplexity is that of the eager row, the weights being the same).
 
@@ -59,6 +62,9 @@ def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
     for sp in SPARSITIES:
         for q in QUANTS:
             rows.append({"name": f"prunus {sp}{q}", "kind": "prunus", "spec": f"{sp}{q}"})
+    # the same int8 checkpoints with the W8A8 kernels allowed (activations rounded to int8)
+    rows += [{**r, "name": r["name"] + " W8A8", "act_int8": True} for r in list(rows)
+             if r["kind"] == "prunus" and r["spec"].endswith("int8")]
     for name in a.compile_rows.split(",") if a.compile_rows else []:
         base = next((r for r in rows if r["name"] == name.strip()), None)
         if base is not None:
@@ -90,7 +96,7 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
     """Prune (cached) and export with a measured kernel plan (cached); the runtime folder."""
     work = Path(a.work)
     name = slug(row["spec"], a.method)
-    ck, rt = work / f"ck-{name}", work / f"rt-{name}"
+    ck, rt = work / f"ck-{name}", work / f"rt-{name}{'-a8' if row.get('act_int8') else ''}"
     py = [sys.executable, "-m", "prunus"]
     if not (ck / "prunus.json").is_file():
         t0 = time.perf_counter()
@@ -104,7 +110,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
         return ck
     if not (rt / "prunus.json").is_file():
         r = _run(py + ["export", str(ck), "--runtime", "auto", "--tokens", "1", "--threads",
-                       str(a.threads), "--out", str(rt), "--overwrite"], log)
+                       str(a.threads), "--out", str(rt), "--overwrite"]
+                 + (["--act-int8"] if row.get("act_int8") else []), log)
         if r.returncode != 0:
             return None
     return rt
@@ -279,6 +286,12 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:
+    """Atomically (a temporary file, then a rename) for a regular file; straight for anything else
+    (``/dev/stdout``, a pipe), which a rename would replace."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as fh:
+            fh.write(json.dumps(doc, indent=1) + "\n")
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
@@ -298,7 +311,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--llama-formats", default="Q8_0,Q4_1,F16")
     ap.add_argument("--skip-llamacpp", action="store_true")
-    ap.add_argument("--compile-rows", default="dense fp32,prunus int8 (dense),prunus 2:4+int8",
+    ap.add_argument("--compile-rows",
+                    default="dense fp32,prunus 2:4+int4g64,prunus 0.5+int8 W8A8,prunus 2:4+int8 W8A8",
                     help="rows to repeat after torch.compile ('' for none)")
     ap.add_argument("--only", help="comma-separated row names")
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
@@ -324,7 +338,7 @@ def main() -> int:
                            "rows": []}
     if a.prune_only:
         for row in rows_wanted(a):
-            if row["kind"] == "prunus" and not row.get("compile"):
+            if row["kind"] == "prunus" and not row.get("compile") and not row.get("act_int8"):
                 log(f"{row['name']}: {'ok' if prepare(row, a, log) else 'FAILED'}")
         return 0
     for row in rows_wanted(a):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator, NoReturn
@@ -314,6 +315,19 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     p = check_out_dir(path, overwrite)
     if p.is_dir():
         raise PrunusError(f"{p} is a folder; give a file name")
+    if os.path.exists(p) and not os.path.isfile(p):
+        # a device, pipe or terminal (--json /dev/stdout): renaming onto it would replace the node
+        # itself, so the finished bytes are written into it instead
+        with tempfile.TemporaryDirectory(prefix="prunus-out-") as d:
+            tmp = Path(d) / f"out{p.suffix}"
+            yield tmp
+            if not tmp.exists():
+                raise PrunusError(f"nothing was written to the temporary file for {p}")
+            with open(p, "wb") as fh:
+                fh.write(tmp.read_bytes())
+        return
+    if p.is_symlink():  # replace the file the link points to, and keep the link
+        p = Path(os.path.realpath(p))
     created = _make_parents(p.parent)
     remove_stale(p)
     tmp = _hidden_sibling(p, "tmp", p.suffix)
