@@ -256,3 +256,16 @@ def test_compiled_model_with_kernels_matches_eager(tiny_llama):
         eager = model(input_ids=ids).logits
         compile_model(model)
         torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_build
+def test_bench_times_the_integer_kernels(tmp_path, quantized):
+    import json
+
+    js = tmp_path / "b.json"
+    assert main(["bench", str(quantized), "--tokens", "1", "--prompt-tokens", "4", "--new-tokens", "2",
+                 "--threads", "1", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["quantized_layers"] > 0
+    assert {"cpu_int8", "cpu_bitmap_int8"} & {row["kernel"] for row in res["layers"]}
+    assert res["end_to_end"]["planned"]["decode_tok_s"] > 0
