@@ -331,8 +331,8 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
                    f"{'' if spec is None else ' (' + spec.unavailable_reason() + ')'}")
             if strict:
                 raise KernelError(msg)
-            warnings.warn(msg + "; the layer runs dense" + (" from its decoded float weights"
-                                                             if layer.quant else ""),
+            warnings.warn(msg + "; the layer stays dense" + (", from its decoded float weights"
+                                                              if layer.quant else ""),
                           RuntimeWarning, stacklevel=2)
             continue
         qw = (qweights or {}).get(layer.name)

@@ -339,13 +339,6 @@ inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const flo
   }
 }
 
-inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
-                             int64_t r, float* o) {
-  const uint8_t* b = bits + r * G;
-  const float* p = vals + vptr[r];
-  for (int64_t g = 0; g < G; ++g)
-    for (int j = 0; j < 8; ++j) o[8 * g + j] = (b[g] >> j) & 1 ? *p++ : 0.f;
-}
 #endif
 #else
 template <int T>
@@ -365,6 +358,14 @@ void bitmap_rows(const uint8_t* bits, const int32_t* vptr, const float* vals, in
     }
     for (int t = 0; t < T; ++t) y[t * ldy + r] = acc[t] + (bias ? bias[r] : 0.f);
   }
+}
+
+inline void bitmap_row_dense(const uint8_t* bits, const int32_t* vptr, const float* vals, int64_t G,
+                             int64_t r, float* o) {
+  const uint8_t* b = bits + r * G;
+  const float* p = vals + vptr[r];
+  for (int64_t g = 0; g < G; ++g)
+    for (int j = 0; j < 8; ++j) o[8 * g + j] = (b[g] >> j) & 1 ? *p++ : 0.f;
 }
 #endif
 
