@@ -269,3 +269,39 @@ def test_bench_times_the_integer_kernels(tmp_path, quantized):
     assert res["quantized_layers"] > 0
     assert {"cpu_int8", "cpu_bitmap_int8"} & {row["kernel"] for row in res["layers"]}
     assert res["end_to_end"]["planned"]["decode_tok_s"] > 0
+
+
+PORTABLE_CHECK = r"""
+import torch, torch.nn.functional as F
+from torch import nn
+from prunus.kernels import cpu, SparseLinear
+from prunus.core.quant import rtn
+from prunus.core.spec import parse_quant
+assert cpu.load_extension(), cpu.unavailable_reason()
+assert cpu.build_info()["isa"] == "baseline", cpu.build_info()
+torch.manual_seed(0)
+for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cpu_csr")),
+                      ("int4g32z", ("cpu_int4", "cpu_bitmap_int8"))):
+    w = torch.randn(20, 96); keep = torch.rand(20, 96) > 0.5
+    qw = rtn(w, keep, parse_quant(spec), "t")
+    lin = nn.Linear(96, 20); lin.weight.data = qw.dequantize()
+    for k in kernels:
+        m = SparseLinear.from_dense(lin, keep, k, qweight=qw if "int" in k else None)
+        for n in (1, 3, 17):
+            x = torch.randn(n, 96)
+            torch.testing.assert_close(m(x), F.linear(x, qw.dequantize(), lin.bias), rtol=1e-4, atol=1e-4)
+print("portable ok")
+"""
+
+
+@pytest.mark.skipif(not compiled_available(), reason="no compiler here")
+def test_portable_build_computes_the_same():
+    """The build for CPUs without AVX2/AVX-512 (PRUNUS_ISA=base): every kernel still correct."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PRUNUS_ISA": "base"}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-2000:]

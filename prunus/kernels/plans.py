@@ -188,13 +188,14 @@ def _decide(timings: Sequence[Timing], tokens: Sequence[int], margin: float) -> 
     return "dense", f"best {best} {ss} at {ts} tokens, below {margin:g}x"
 
 
-def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor],
-                   qweights: Mapping[str, Any]) -> list[tuple[str, nn.Linear]]:
-    """The linears with a mask, and those stored quantized (an int8 ``lm_head`` tied to the
-    embedding included), in model order."""
+def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor], qweights: Mapping[str, Any],
+                   also: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """The linears with a mask, those stored quantized (an int8 ``lm_head`` tied to the
+    embedding included) and those named in ``also``, in model order."""
     found = {name: m for name, m in model.named_modules() if name in masks}
     found.update({name: m for name, m in model.named_modules()
-                  if name in qweights and name not in found and isinstance(m, (nn.Linear, SparseLinear))})
+                  if (name in qweights or name in also) and name not in found
+                  and isinstance(m, (nn.Linear, SparseLinear))})
     for name in masks:
         if name not in found:
             raise KernelError(f"mask for {name!r} has no matching module in the model")
@@ -210,7 +211,8 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                patterns: Optional[Mapping[str, Pattern]] = None, reuse: bool = True,
                repeats: int = 9, warmup: int = 2, min_sample_ms: float = 2.0, cold: bool = True,
                progress: Optional[Callable[[str], None]] = None,
-               qweights: Optional[Mapping[str, Any]] = None, approximate: bool = False) -> Plan:
+               qweights: Optional[Mapping[str, Any]] = None, approximate: bool = False,
+               also: Sequence[str] = ()) -> Plan:
     """Measure every masked linear layer and keep a sparse kernel only where it pays.
 
     Args:
@@ -233,13 +235,16 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
             needed) and the integer kernels serving their grid compete with the float ones.
         approximate: let the kernels that round the activation too (W8A8, ``exact=False``)
             compete; a plan then changes the model's numbers, which must be measured.
+        also: more linears to plan, unpruned ones included (their mask: the non-zero weights).
+            A float kernel can beat the dense GEMV at batch 1 even at sparsity 0 (the bitmap
+            kernel does on SmolLM2's 49k x 576 output head), and the plan keeps it only then.
 
     Raises:
         KernelError: no masks nor quantized layers, a mask without a matching ``nn.Linear``, CUDA absent.
     """
     qweights = dict(qweights or {})
     masks = dict(masks or {})
-    if not masks and not qweights:
+    if not masks and not qweights and not also:
         raise KernelError("the model has no masks: choosing kernels (runtime 'auto') needs the "
                           "keep-masks saved at prune time")
     dev = resolve_device(device)
@@ -250,14 +255,14 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
     cache: dict[tuple, tuple[str, list[Timing]]] = {}
     dtype = None
     with num_threads(threads) as nt:
-        for name, module in _linear_layers(model, masks, qweights):
+        for name, module in _linear_layers(model, masks, qweights, also):
             weight = module.weight.detach()
             dtype = dtype or weight.dtype
             qw = qweights.get(name)
             if qw is not None and tuple(qw.codes.shape) != tuple(weight.shape):
                 raise KernelError(f"{name}: the stored quantized weight is {tuple(qw.codes.shape)} "
                                   f"but the layer is {tuple(weight.shape)}")
-            mask = masks[name] if name in masks else qw.keep
+            mask = masks[name] if name in masks else qw.keep if qw is not None else weight != 0
             mask = mask.to(weight.device, torch.bool)
             if tuple(mask.shape) != tuple(weight.shape):
                 raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight "

@@ -118,8 +118,11 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
     meta = dict(export.read_metadata(checkpoint))
     plan = None
     if runtime == "auto":
+        unpruned = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                    and n not in masks and n not in qweights]  # the tied output head, typically
         plan = plan_model(model, masks, tokens, opts.margin, device=device, threads=opts.threads,
-                          progress=lambda s: log(s), qweights=qweights, approximate=act_int8)
+                          progress=lambda s: log(s), qweights=qweights, approximate=act_int8,
+                          also=unpruned)
         meta[PLAN_KEY] = plan.to_dict()
     else:
         meta.pop(PLAN_KEY, None)
