@@ -162,9 +162,10 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     rows, seen = [], {}
     mods = dict(model.named_modules())
     names = list(masks) + [n for n in qweights if n not in masks and isinstance(mods.get(n), nn.Linear)]
-    for name in names:
+    unpruned = [n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in names]
+    for name in names + unpruned:
         lin, qw = mods[name], qweights.get(name)
-        mask = masks[name] if name in masks else qw.keep
+        mask = masks[name] if name in masks else qw.keep if qw is not None else lin.weight != 0
         sp = round(1.0 - float(mask.sum()) / mask.numel(), 3)
         key = (tuple(lin.weight.shape), sp, lin.bias is not None, None if qw is None else str(qw.quant))
         if key not in seen:  # the same shape, sparsity and grid is measured once
@@ -176,7 +177,8 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
             rows.append({"layer": name, **t.to_dict()})
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=dev)
     dense = time_generate(model, prompt, new_tokens)
-    plan = plan_model(model, masks, [1], margin, device=dev, threads=threads, qweights=qweights)
+    plan = plan_model(model, masks, [1], margin, device=dev, threads=threads, qweights=qweights,
+                      also=unpruned)
     applied = apply_plan(model, plan, masks, qweights=qweights)
     sparse = time_generate(model, prompt, new_tokens)
     e2e = {"dense": dense, "planned": sparse,
