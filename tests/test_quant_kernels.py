@@ -205,21 +205,26 @@ def _vnni():
 
 
 @pytest.mark.skipif(not _vnni(), reason="no AVX-512 VNNI build here")
-@pytest.mark.parametrize("kernel", ["cpu_int8_a8", "cpu_bitmap_int8_a8"])
+@pytest.mark.parametrize("kernel,spec,width", [("cpu_int8_a8", "int8", 100),
+                                               ("cpu_bitmap_int8_a8", "int8", 100),
+                                               ("cpu_int4_a8", "int4g64", 128),
+                                               ("cpu_int4_a8", "int4g64z", 192),
+                                               ("cpu_int4_a8", "int4c", 64)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_w8a8_matches_its_own_definition(kernel, sparsity):
-    """W8A8 = the product of the int8 weight with the activation rounded per token to int8:
-    checked against that definition in float64 (and it is NOT the float product)."""
-    lin, keep, qw = _layer(33, 100, sparsity, "int8")
+def test_w8a8_matches_its_own_definition(kernel, spec, width, sparsity):
+    """W8A8 / W4A8 = the product of the integer weight with the activation rounded per token to
+    int8: checked against that definition in float64 (and it is NOT the float product)."""
+    lin, keep, qw = _layer(33, width, sparsity, spec)
     m = SparseLinear.from_dense(lin, keep, kernel, qweight=qw)
+    assert torch.equal(m.weight, qw.dequantize())
     for n in (1, 2, 5, 19):
-        x = torch.randn(n, 100)
+        x = torch.randn(n, width)
         sx = x.abs().amax(1, keepdim=True) / 127
         xq = torch.clamp(torch.round(x / sx), -127, 127) * sx
         want = F.linear(xq.double(), qw.dequantize().double(), lin.bias.double())
         assert float((m(x).double() - want).abs().max()) < 1e-4
     if sparsity < 1.0:
-        x = torch.randn(4, 100)
+        x = torch.randn(4, width)
         assert float((m(x) - F.linear(x, qw.dequantize(), lin.bias)).abs().max()) > 1e-5
 
 

@@ -37,7 +37,8 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_sparse.cpp"
 SOURCES = (SOURCE, CSRC / "cpu_quant.cpp")  # common.h is included by both
-COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr", "cpu_int8", "cpu_int4", "cpu_bitmap_int8")
+COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr", "cpu_int8", "cpu_int4", "cpu_bitmap_int8",
+            "cpu_int8_a8", "cpu_bitmap_int8_a8", "cpu_int4_a8")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2")
 
 _lock = threading.Lock()
@@ -144,10 +145,10 @@ def _register_fakes() -> None:
 
     for name in ("csr_linear", "bsr_linear", "bitmap_linear"):
         out_of(name, lambda a: a[-2])  # (..., bias, out_features, in_features)
-    for name in ("q8_linear", "q4_linear", "bitmap_q8_linear"):
-        # codes / packed (out, .) or, for the bitmap, bits (out, words): the first array after
-        # val_ptr has out rows
-        out_of(name, lambda a, n=name: (a[1] if n == "bitmap_q8_linear" else a[0]).shape[0])
+    for name in ("q8_linear", "q4_linear", "q8a8_linear", "q4a8_linear"):
+        out_of(name, lambda a: a[0].shape[0])  # codes / packed (out, ...)
+    for name in ("bitmap_q8_linear", "bitmap_q8a8_linear"):
+        out_of(name, lambda a: a[1].shape[0])  # (val_ptr, bits (out, words), ...)
 
 
 def compiled_available() -> bool:

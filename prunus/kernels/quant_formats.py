@@ -121,3 +121,31 @@ def a8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
 def code_sums(qw: QuantizedWeight) -> Tensor:
     """int32 (out,): the sum of each row's codes (pruned ones are 0), for the W8A8 correction."""
     return qw.codes.to(torch.int32).sum(dim=1).to(torch.int32).contiguous()
+
+
+def q4a8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
+    """The W4A8 kernel: int4 on a width that is a multiple of 64, per channel or groups of 64+."""
+    return quant.bits == 4 and shape[1] % 64 == 0 and (quant.group is None or quant.group >= 64)
+
+
+def q4a8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(packed uint8 (out, in / 2) in blocks of 64 columns -- byte ``j`` holds columns ``j`` and
+    ``j + 32`` --, scales (out, G), zeros float (out, G), group)."""
+    out_f, in_f = qw.codes.shape
+    u = qw.codes.to(torch.int16)
+    if qw.quant.symmetric:
+        u = u + 8
+        zeros = torch.full_like(qw.scales.float(), 8.0)
+    else:
+        zeros = qw.zeros.float()
+    blocks = u.reshape(out_f, in_f // 64, 2, 32)
+    packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).to(torch.uint8)
+    return packed.reshape(out_f, in_f // 2).contiguous(), qw.scales.float().contiguous(), \
+        zeros.contiguous(), _group(qw)
+
+
+def q4a8_codes(packed: Tensor, in_f: int) -> Tensor:
+    """Inverse of the packing of :func:`q4a8_arrays`: unsigned codes (out, in) as int16."""
+    out_f = packed.shape[0]
+    b = packed.to(torch.int16).reshape(out_f, in_f // 64, 32)
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out_f, in_f)

@@ -12,6 +12,7 @@ activations stay float32 and every weight decodes to exactly ``QuantizedWeight.d
   scale per token) and the products summed in int32 by AVX-512 VNNI's vpdpbusd, 64 weights per
   instruction. Not exact (``exact=False``): a plan uses them only when asked
   (``prunus export --act-int8``), and perplexity must be measured with them in place.
+- ``cpu_int4_a8``: W4A8, int4 codes (groups of 64 or more) against the int8 activation.
 - ``torch_int``: the pure-PyTorch fallback: it keeps the int8 codes (a quarter of the memory of
   float32) and decodes them at each call. Always available, slower than dense float32.
 
@@ -35,7 +36,8 @@ from prunus.kernels.cpu_formats import check_weight
 from prunus.kernels.patterns import ALL_PATTERNS
 from prunus.kernels.quant_formats import (a8_serves, bitmap_mask, bitmap_q8_arrays,
                                           bitmap_q8_serves, code_sums, expand_groups, q4_arrays,
-                                          q4_codes, q4_serves, q8_arrays, q8_serves)
+                                          q4_codes, q4_serves, q4a8_arrays, q4a8_codes, q4a8_serves,
+                                          q8_arrays, q8_serves)
 from prunus.kernels.registry import KernelError, KernelSpec, register_kernel
 
 
@@ -224,10 +226,40 @@ class BitmapInt8A8Linear(BitmapInt8Linear):
                                                        self.in_features)
 
 
-for _name, _cls, _prio, _desc in (
-        ("cpu_int8_a8", Int8A8Linear, 40, "compiled W8A8: int8 weights and activations (VNNI)"),
-        ("cpu_bitmap_int8_a8", BitmapInt8A8Linear, 41,
-         "compiled W8A8 on bitmap + int8 values (VNNI)")):
-    register_kernel(KernelSpec(_name, "cpu", F32, ALL_PATTERNS, _builder(_cls, a8_serves), _vnni,
-                               priority=_prio, description=_desc, quant=a8_serves, exact=False,
+class Int4A8Linear(SparseLinear):
+    """W4A8 (``cpu_int4_a8``): int4 codes and an int8 activation (one scale per token)."""
+
+    kernel = "cpu_int4_a8"
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
+        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
+        packed, scales, zeros, self.group = q4a8_arrays(qw)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        packed, scales, zeros, bias = self.cached(("packed", "scales", "zeros", "bias"))
+        return torch.ops.prunus_cpu.q4a8_linear(x, packed, scales, zeros, bias, self.group,
+                                                self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.packed.numel() * 2)
+
+    def dense_weight(self) -> Tensor:
+        q = q4a8_codes(self.packed, self.in_features).float()
+        q = q - expand_groups(self.zeros, self.group, self.in_features)
+        return q * expand_groups(self.scales, self.group, self.in_features)
+
+
+for _name, _cls, _serves, _prio, _desc in (
+        ("cpu_int8_a8", Int8A8Linear, a8_serves, 40,
+         "compiled W8A8: int8 weights and activations (VNNI)"),
+        ("cpu_bitmap_int8_a8", BitmapInt8A8Linear, a8_serves, 41,
+         "compiled W8A8 on bitmap + int8 values (VNNI)"),
+        ("cpu_int4_a8", Int4A8Linear, q4a8_serves, 42,
+         "compiled W4A8: int4 weights, int8 activations (VNNI)")):
+    register_kernel(KernelSpec(_name, "cpu", F32, ALL_PATTERNS, _builder(_cls, _serves), _vnni,
+                               priority=_prio, description=_desc, quant=_serves, exact=False,
                                unavailable_reason=_vnni_reason))

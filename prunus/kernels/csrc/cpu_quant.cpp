@@ -701,6 +701,117 @@ at::Tensor bitmap_q8a8_linear(const at::Tensor& x, const at::Tensor& vptr, const
   return a8_linear(x, bits, vptr, vals, scales, wsum, bias, in, true);
 }
 
+
+// W4A8: int4 codes u in [0, 15] with a zero point z per group (8 for symmetric int4), packed in
+// blocks of 64 columns (byte j holds column j in its low nibble and column j + 32 in its high one),
+// times the activation rounded to int8 per token (xq, no offset: vpdpbusd takes the unsigned
+// codes as its first operand). Per group: int32 sum of u * xq, minus z * sum(xq over the group),
+// times the group's scale; times the token's scale at the end.
+#ifdef PRUNUS_VNNI
+// x (n, in) -> xq (n, in) int8 and sx (n); in is a multiple of 64.
+void quantize_rows_signed(const float* x, int64_t n, int64_t in, int8_t* xq, float* sx) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xr = x + t * in;
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < in; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + c)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    sx[t] = s;
+    const __m512 inv = _mm512_set1_ps(1.f / s);
+    for (int64_t c = 0; c < in; c += 16) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + c), inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + t * in + c),
+                       _mm512_cvtsepi32_epi8(_mm512_max_epi32(q, _mm512_set1_epi32(-127))));
+    }
+  }
+}
+
+template <int RB, int T>
+void q4a8_block(const Q4& w, const int8_t* xq, const int32_t* xsum, const float* sx,
+                const float* bias, float* y, int64_t ldy, int64_t r) {
+  __m512 acc[RB][T];
+  float corr[RB][T] = {};
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  const int64_t gs = w.G == 1 ? w.in : (int64_t{1} << w.shift);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m512i part[RB][T];
+    for (int i = 0; i < RB; ++i)
+      for (int t = 0; t < T; ++t) part[i][t] = _mm512_setzero_si512();
+    for (int64_t c = g * gs; c < (g + 1) * gs; c += 64) {
+      __m512i xv[T];
+      for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xq + t * w.in + c);
+      for (int i = 0; i < RB; ++i) {
+        const __m256i v = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(w.p + (r + i) * (w.in / 2) + c / 2));
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        for (int t = 0; t < T; ++t) part[i][t] = _mm512_dpbusd_epi32(part[i][t], u, xv[t]);
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      const float sc = w.s[(r + i) * w.G + g];
+      const __m512 sv = _mm512_set1_ps(sc);
+      for (int t = 0; t < T; ++t) {
+        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[i][t]), sv, acc[i][t]);
+        corr[i][t] += sc * w.z[(r + i) * w.G + g] * static_cast<float>(xsum[t * w.G + g]);
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < T; ++t)
+      y[t * ldy + r + i] = sx[t] * (_mm512_reduce_add_ps(acc[i][t]) - corr[i][t]) +
+                           (bias ? bias[r + i] : 0.f);
+}
+#endif
+
+at::Tensor q4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, const c10::optional<at::Tensor>& bias, int64_t group,
+                       int64_t in) {
+#ifndef PRUNUS_VNNI
+  TORCH_CHECK(false, "prunus_cpu: the W4A8 kernel needs a build with AVX-512 VNNI");
+  return x_in;
+#else
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+                  in % 64 == 0 && packed.size(1) * 2 == in,
+              "prunus_cpu: W4A8 codes must be contiguous uint8 (out, in / 2), in a multiple of 64");
+  const int64_t out = packed.size(0);
+  check_x(x_in, in, bias, out);
+  check_scales(scales, zeros, out);
+  TORCH_CHECK(scales.size(1) == 1 || group % 64 == 0, "prunus_cpu: W4A8 groups must be multiples of 64");
+  const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), in,
+             scales.size(1), shift_for(group, in, scales.size(1))};
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0);
+  at::Tensor y = at::empty({n, out}, x.options());
+  if (n == 0) return y;
+  std::vector<int8_t> xq(n * in);
+  std::vector<float> sx(n);
+  quantize_rows_signed(x.data_ptr<float>(), n, in, xq.data(), sx.data());
+  const int64_t gs = w.G == 1 ? in : group;
+  std::vector<int32_t> xsum(n * w.G, 0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < in; ++c) xsum[t * w.G + c / gs] += xq[t * in + c];
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yd = y.data_ptr<float>();
+  for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
+    token_tiles(n, [&](auto tc, int64_t t) {
+      constexpr int T = decltype(tc)::value;
+      constexpr int RB = T == 4 ? 2 : 4;
+      const int8_t* xt = xq.data() + t * in;
+      const int32_t* st = xsum.data() + t * w.G;
+      const float* sxt = sx.data() + t;
+      float* yt = yd + t * out;
+      dense_rows<RB, T>(r0, r1, [&](int64_t r) { q4a8_block<RB, T>(w, xt, st, sxt, b, yt, out, r); },
+                        [&](int64_t r) { q4a8_block<1, T>(w, xt, st, sxt, b, yt, out, r); });
+    });
+  });
+  return y;
+#endif
+}
+
 bool vnni() {
 #ifdef PRUNUS_VNNI
   return true;
@@ -725,6 +836,7 @@ TORCH_LIBRARY_FRAGMENT(prunus_cpu, m) {
   m.def("bitmap_q8_linear(Tensor x, Tensor val_ptr, Tensor bits, Tensor val, Tensor scales, Tensor? bias, int group, int in_features) -> Tensor");
   m.def("q8a8_linear(Tensor x, Tensor codes, Tensor scales, Tensor wsum, Tensor? bias) -> Tensor");
   m.def("bitmap_q8a8_linear(Tensor x, Tensor val_ptr, Tensor bits, Tensor val, Tensor scales, Tensor wsum, Tensor? bias, int in_features) -> Tensor");
+  m.def("q4a8_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, Tensor? bias, int group, int in_features) -> Tensor");
   m.def("quant_simd() -> bool", quant_simd);
   m.def("vnni() -> bool", vnni);
 }
@@ -734,5 +846,6 @@ TORCH_LIBRARY_IMPL(prunus_cpu, CPU, m) {
   m.impl("q4_linear", q4_linear);
   m.impl("bitmap_q8_linear", bitmap_q8_linear);
   m.impl("q8a8_linear", q8a8_linear);
+  m.impl("q4a8_linear", q4a8_linear);
   m.impl("bitmap_q8a8_linear", bitmap_q8a8_linear);
 }
