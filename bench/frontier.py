@@ -13,9 +13,9 @@ row shares the cores with another):
   ``prunus export --runtime auto --tokens 1`` (every layer measured, a kernel kept only where it
   is faster than dense), and loaded with ``prunus.load``: perplexity and speed are those of the
   model as it runs, kernels in place;
-- ``W8A8`` rows: the same int8 checkpoints exported with ``--act-int8``, which lets the kernels
-  that round the activation to int8 too (one scale per token, int32 sums with AVX-512 VNNI)
-  compete; their perplexity is measured with them in place;
+- ``W8A8`` / ``W4A8`` rows: the same int8 / int4 checkpoints exported with ``--act-int8``, which
+  lets the kernels that round the activation to int8 too (one scale per token, int32 sums with
+  AVX-512 VNNI) compete; their perplexity is measured with them in place;
 - ``+compile`` rows: the same model after ``torch.compile`` (decode and prefill only; the
   perplexity is that of the eager row, the weights being the same).
 
@@ -63,8 +63,9 @@ def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
         for q in QUANTS:
             rows.append({"name": f"prunus {sp}{q}", "kind": "prunus", "spec": f"{sp}{q}"})
     # the same int8 checkpoints with the W8A8 kernels allowed (activations rounded to int8)
-    rows += [{**r, "name": r["name"] + " W8A8", "act_int8": True} for r in list(rows)
-             if r["kind"] == "prunus" and r["spec"].endswith("int8")]
+    rows += [{**r, "name": r["name"] + (" W8A8" if r["spec"].endswith("int8") else " W4A8"),
+              "act_int8": True} for r in list(rows)
+             if r["kind"] == "prunus" and ("int8" in r["spec"] or "int4" in r["spec"])]
     for name in a.compile_rows.split(",") if a.compile_rows else []:
         base = next((r for r in rows if r["name"] == name.strip()), None)
         if base is not None:
@@ -312,7 +313,8 @@ def main() -> int:
     ap.add_argument("--llama-formats", default="Q8_0,Q4_1,F16")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--compile-rows",
-                    default="dense fp32,prunus 2:4+int4g64,prunus 0.5+int8 W8A8,prunus 2:4+int8 W8A8",
+                    default="dense fp32,prunus 2:4+int4g64 W4A8,prunus 0.5+int8 W8A8,"
+                            "prunus 2:4+int8 W8A8",
                     help="rows to repeat after torch.compile ('' for none)")
     ap.add_argument("--only", help="comma-separated row names")
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))

@@ -44,6 +44,9 @@ namespace {
 using prunus_kernels::for_even_rows;
 using prunus_kernels::for_rows;
 
+#ifndef PRUNUS_RB1
+#define PRUNUS_RB1 1
+#endif
 constexpr int64_t kDenseFrom = 16;  // tokens from which rows are decoded and at::linear runs
 
 // Group index of column c: c >> shift (shift 62 when there is one group per row).
@@ -415,7 +418,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
 #ifdef PRUNUS_AVX512
     token_tiles(n, [&](auto tc, int64_t t) {
       constexpr int T = decltype(tc)::value;
-      constexpr int RB = T == 4 ? 2 : 4;
+      constexpr int RB = T == 1 ? PRUNUS_RB1 : (T == 4 ? 2 : 4);
       const float* xt = xd + t * in;
       float* yt = yd + t * out;
       const float* st = xsum.data() + t * w.G;
@@ -466,7 +469,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at:
 #ifdef PRUNUS_AVX512
     token_tiles(n, [&](auto tc, int64_t t) {
       constexpr int T = decltype(tc)::value;
-      constexpr int RB = T == 4 ? 2 : 4;
+      constexpr int RB = T == 1 ? PRUNUS_RB1 : (T == 4 ? 2 : 4);
       const float* xt = xd + t * in;
       float* yt = yd + t * out;
       const float* st = xsum.data() + t * w.G;
@@ -651,7 +654,7 @@ at::Tensor a8_linear(const at::Tensor& x_in, const at::Tensor& codes_or_bits, co
         constexpr int T = decltype(tc)::value;
         const uint8_t* xt = xu.data() + t0 * W * 64;
         int64_t r = r0;
-        for (; r + 4 <= r1; r += 4) {
+        for (; PRUNUS_RB1 == 4 && r + 4 <= r1; r += 4) {
           __m512i acc[4][T];
           a8_dense_block<4, T>(q, in, W, xt, r, acc);
           for (int i = 0; i < 4; ++i)
@@ -799,7 +802,7 @@ at::Tensor q4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
     token_tiles(n, [&](auto tc, int64_t t) {
       constexpr int T = decltype(tc)::value;
-      constexpr int RB = T == 4 ? 2 : 4;
+      constexpr int RB = T == 1 ? PRUNUS_RB1 : (T == 4 ? 2 : 4);
       const int8_t* xt = xq.data() + t * in;
       const int32_t* st = xsum.data() + t * w.G;
       const float* sxt = sx.data() + t;
