@@ -123,6 +123,14 @@ def folder_bytes(path: Path) -> int:
                p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
 
 
+def tensor_bytes(model) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of the model's tensors, a tied weight once: its safetensors file, less the header."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def measure_one(a: argparse.Namespace) -> dict[str, Any]:
     """The ``--one`` mode: load one configuration, measure it, return its row."""
     import torch
@@ -142,10 +150,10 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
         base, tok = load_model(a.model)
     if kind == "dense":
         model = base
-        size = sum(t.numel() * t.element_size() for t in {id(t): t for t in base.state_dict().values()}.values())
+        size = tensor_bytes(model)
     elif kind == "bf16":
         model = base.to(torch.bfloat16)
-        size = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+        size = tensor_bytes(model)
     elif kind == "int8dyn":
         model = torch.ao.quantization.quantize_dynamic(base, {nn.Linear}, dtype=torch.qint8)
         tmp = Path(a.work) / "int8dyn.pt"
@@ -320,6 +328,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--update", metavar="JSON",
+                    help="re-measure the --only rows and replace them in this earlier --json file")
     ap.add_argument("--prune-only", action="store_true",
                     help="only prune (and cache) the prunus checkpoints, measure nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -338,6 +348,10 @@ def main() -> int:
 
     doc: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(a).items() if k != "one"},
                            "rows": []}
+    update = None
+    if a.update:
+        update = json.loads(Path(a.update).read_text())
+        a.json = a.json or a.update
     if a.prune_only:
         for row in rows_wanted(a):
             if row["kind"] == "prunus" and not row.get("compile") and not row.get("act_int8"):
@@ -362,10 +376,14 @@ def main() -> int:
         else:
             doc["rows"].append(json.loads(r.stdout.strip().splitlines()[-1]))
         log(json.dumps(doc["rows"][-1]))
-        if a.json:
+        if a.json and update is None:
             write_json(doc, a.json)
     if not a.skip_llamacpp and not a.only:
         doc["rows"] += llamacpp_rows(a, log)
+    if update is not None:  # the re-measured rows replace their namesakes, in place
+        new = {r["name"]: {**r, "remeasured": doc["machine"]["date"]} for r in doc["rows"]}
+        update["rows"] = [new.pop(r["name"], r) for r in update["rows"]] + list(new.values())
+        doc = update
     if a.json:
         write_json(doc, a.json)
     print(table(doc["rows"]))

@@ -31,6 +31,7 @@ from prunus.io.fsutil import check_out_dir
 from prunus.io.models import load_model
 from prunus.kernels.plans import PLAN_KEY, apply_plan, plan_model
 from prunus.kernels.registry import KernelError, resolve_device
+from prunus.kernels.tune import tune_plan
 from prunus.kernels.timing import time_generate, time_linear
 
 
@@ -79,7 +80,7 @@ def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
 def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: Sequence[int] = (1,),
                    margin: float = 1.1, device: str = "cpu", threads: Optional[int] = None,
                    overwrite: bool = False, log: Callable[[str], None] = print,
-                   act_int8: bool = False) -> tuple[Any, Any]:
+                   act_int8: bool = False, tune: bool = True) -> tuple[Any, Any]:
     """Plan kernels for a pruned checkpoint on this machine and save it with the plan.
 
     Args:
@@ -92,6 +93,8 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         threads: torch threads for the measurement (default: torch's current setting).
         act_int8: let the W8A8 kernels (activation rounded to int8 per token) compete for the
             int8 layers; faster, not exact: measure the perplexity of the result.
+        tune: then refine the plan by the decode time of the whole model, group by group of
+            like layers (:func:`prunus.kernels.tune.tune_plan`; about a minute for SmolLM2).
 
     Returns:
         ``(ExportInfo, Plan)``.
@@ -123,6 +126,9 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         plan = plan_model(model, masks, tokens, opts.margin, device=device, threads=opts.threads,
                           progress=lambda s: log(s), qweights=qweights, approximate=act_int8,
                           also=unpruned)
+        if tune and torch.device(device).type == "cpu":
+            plan = tune_plan(model, plan, masks, qweights=qweights, threads=opts.threads,
+                             progress=lambda s: log(s))
         meta[PLAN_KEY] = plan.to_dict()
     else:
         meta.pop(PLAN_KEY, None)
@@ -141,7 +147,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
 def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1, 16, 128),
                 threads: Optional[int] = None, prompt_tokens: int = 128, new_tokens: int = 32,
                 margin: float = 1.1, log: Callable[[str], None] = print,
-                compile: bool = False) -> dict[str, Any]:
+                compile: bool = False, tune: bool = True) -> dict[str, Any]:
     """Per-layer timings (dense vs every applicable kernel) and end-to-end prefill/decode.
 
     The end-to-end numbers compare the dense model with the same model after a plan made for
@@ -179,6 +185,8 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     dense = time_generate(model, prompt, new_tokens)
     plan = plan_model(model, masks, [1], margin, device=dev, threads=threads, qweights=qweights,
                       also=unpruned)
+    if tune and dev.type == "cpu":
+        plan = tune_plan(model, plan, masks, qweights=qweights, threads=threads, progress=log)
     applied = apply_plan(model, plan, masks, qweights=qweights)
     sparse = time_generate(model, prompt, new_tokens)
     e2e = {"dense": dense, "planned": sparse,
