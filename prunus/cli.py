@@ -73,8 +73,8 @@ def _add_runtime(sub: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="end-to-end decode length")
     p.add_argument("--compile", action="store_true",
                    help="also time the planned model after torch.compile (minutes to compile)")
-    p.add_argument("--no-tune", action="store_true",
-                   help="plan layer by layer only (no end-to-end check of the plan)")
+    p.add_argument("--tune", action="store_true",
+                   help="check the plan on the decode of the whole model (minutes)")
     p.add_argument("--json", help="write the timings to this JSON file")
     p = sub.add_parser("export", help="re-save a pruned checkpoint with a measured per-layer kernel plan")
     p.add_argument("checkpoint", help="a prunus checkpoint (with masks)")
@@ -84,8 +84,9 @@ def _add_runtime(sub: Any) -> None:
     p.add_argument("--tokens", default="1", help="token counts the model will run at (a kernel must win at all)")
     p.add_argument("--margin", type=float, default=1.1, help="required speedup over dense")
     p.add_argument("--threads", type=int)
-    p.add_argument("--no-tune", action="store_true",
-                   help="keep the per-layer plan as measured layer by layer (no end-to-end check)")
+    p.add_argument("--tune", action="store_true",
+                   help="then check the per-layer plan on the decode of the whole model, group by "
+                        "group of like layers (minutes)")
     p.add_argument("--act-int8", action="store_true",
                    help="let W8A8 kernels (activations rounded to int8 per token) compete for int8 "
                         "layers: faster, not exact")
@@ -125,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = bench_model(args.model, device=args.device, tokens=_tokens(args.tokens), threads=args.threads,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       log=lambda s: print(s, file=sys.stderr), compile=args.compile,
-                      tune=not args.no_tune)
+                      tune=args.tune)
     best: dict[tuple, dict] = {}
     for r in res["layers"]:
         k = (r["layer"], r["tokens"])
@@ -153,7 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info, plan = export_runtime(args.checkpoint, args.out, runtime=args.runtime, tokens=_tokens(args.tokens),
                                 margin=args.margin, device=args.device, threads=args.threads,
                                 overwrite=args.overwrite, log=lambda s: print(s, file=sys.stderr),
-                                act_int8=args.act_int8, tune=not args.no_tune)
+                                act_int8=args.act_int8, tune=args.tune)
     if plan is not None:
         print(plan.table())
     print(f"saved {info.path}: {info.bytes / 2**20:.1f} MiB ({info.bytes / max(1, info.dense_bytes):.2f}x of dense)"

@@ -36,7 +36,7 @@ def pruned(tmp_path_factory, tiny_llama_dir, text_files) -> Path:
 def planned(tmp_path_factory, pruned) -> Path:
     """``prunus export --runtime auto`` with a margin so small that every layer takes a sparse kernel."""
     out = tmp_path_factory.mktemp("rtplan") / "planned"
-    assert main(["export", str(pruned), "--runtime", "auto", "--out", str(out), "--margin", "1e-9", "--no-tune",
+    assert main(["export", str(pruned), "--runtime", "auto", "--out", str(out), "--margin", "1e-9",
                  "--tokens", "1", "--quiet"]) == 0
     return out
 

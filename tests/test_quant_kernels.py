@@ -141,7 +141,7 @@ def test_export_auto_plans_integer_kernels(tmp_path, quantized):
 
     out = tmp_path / "planned"
     assert main(["export", str(quantized), "--runtime", "auto", "--out", str(out), "--margin", "1e-9",
-                 "--tokens", "1,3", "--no-tune"]) == 0
+                 "--tokens", "1,3"]) == 0
     plan = read_metadata(out)["kernel_plan"]
     quant_layers = [layer for layer in plan["layers"] if layer["quant"]]
     assert quant_layers and all(layer["quant"] == "int8" for layer in quant_layers)
@@ -184,7 +184,7 @@ def test_quantized_plan_where_its_kernels_cannot_run(tmp_path, quantized, monkey
 
     out = tmp_path / "planned"
     assert main(["export", str(quantized), "--runtime", "auto", "--out", str(out), "--margin", "1e-9",
-                 "--tokens", "1", "--no-tune"]) == 0
+                 "--tokens", "1"]) == 0
     planned_kernels = {layer["kernel"] for layer in
                        prunus.export.read_metadata(out)["kernel_plan"]["layers"]}
     for name in planned_kernels - {"dense"}:
@@ -324,7 +324,7 @@ def test_tune_plan_measures_the_whole_model(quantized):
     masks, qws = export.load_masks(quantized), export.load_quantized(quantized)
     plan = plan_model(model, masks, [1], 1.1, qweights=qws, repeats=3, warmup=1)
     lines = []
-    tuned = tune_plan(model, plan, masks, qweights=qws, prompt_tokens=4, new_tokens=2, repeats=1,
+    tuned = tune_plan(model, plan, masks, qweights=qws, prompt_tokens=4, new_tokens=2, repeats=1, rounds=2,
                       progress=lines.append)
     assert [layer.name for layer in tuned.layers] == [layer.name for layer in plan.layers]
     assert all("end to end:" in layer.reason and "dense" in layer.reason for layer in tuned.layers)

@@ -31,7 +31,7 @@ def test_export_auto_applies_plan_with_same_logits(tmp_path, capsys, pruned):
     out = tmp_path / "planned"
     # a tiny margin: every layer takes a kernel, so the sparse path is what gets checked
     assert main(["export", str(pruned), "--runtime", "auto", "--out", str(out), "--margin", "1e-9",
-                 "--tokens", "1,3", "--no-tune"]) == 0
+                 "--tokens", "1,3"]) == 0
     meta = read_metadata(out)
     assert meta["kernel_plan"]["layers"]
     planned = prunus.load(out)
@@ -47,7 +47,7 @@ def test_export_keeps_dense_where_not_faster(tmp_path, pruned):
     from prunus.kernels import SparseLinear
 
     out = tmp_path / "never"
-    assert main(["export", str(pruned), "--out", str(out), "--margin", "1000", "--no-tune"]) == 0
+    assert main(["export", str(pruned), "--out", str(out), "--margin", "1000"]) == 0
     assert not any(isinstance(m, SparseLinear) for m in prunus.load(out).modules())
 
 

@@ -80,7 +80,7 @@ def masks_for(source: str, model: nn.Module) -> dict[str, Tensor]:
 def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: Sequence[int] = (1,),
                    margin: float = 1.1, device: str = "cpu", threads: Optional[int] = None,
                    overwrite: bool = False, log: Callable[[str], None] = print,
-                   act_int8: bool = False, tune: bool = True) -> tuple[Any, Any]:
+                   act_int8: bool = False, tune: bool = False) -> tuple[Any, Any]:
     """Plan kernels for a pruned checkpoint on this machine and save it with the plan.
 
     Args:
@@ -94,7 +94,8 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
         act_int8: let the W8A8 kernels (activation rounded to int8 per token) compete for the
             int8 layers; faster, not exact: measure the perplexity of the result.
         tune: then refine the plan by the decode time of the whole model, group by group of
-            like layers (:func:`prunus.kernels.tune.tune_plan`; about a minute for SmolLM2).
+            like layers (:func:`prunus.kernels.tune.tune_plan`; a few minutes for SmolLM2). Off by
+            default: not yet measured at the scale of the frontier benchmark.
 
     Returns:
         ``(ExportInfo, Plan)``.
@@ -147,7 +148,7 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
 def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1, 16, 128),
                 threads: Optional[int] = None, prompt_tokens: int = 128, new_tokens: int = 32,
                 margin: float = 1.1, log: Callable[[str], None] = print,
-                compile: bool = False, tune: bool = True) -> dict[str, Any]:
+                compile: bool = False, tune: bool = False) -> dict[str, Any]:
     """Per-layer timings (dense vs every applicable kernel) and end-to-end prefill/decode.
 
     The end-to-end numbers compare the dense model with the same model after a plan made for

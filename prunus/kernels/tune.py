@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -52,7 +53,7 @@ def _candidates(layer: LayerPlan, k: int) -> list[str]:
 def tune_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]] = None, *,
               qweights: Optional[Mapping[str, Any]] = None, candidates: int = 3,
               prompt_tokens: int = 32, new_tokens: int = 8, repeats: int = 3,
-              threads: Optional[int] = None, min_gain: float = 0.01,
+              threads: Optional[int] = None, min_gain: float = 0.03, rounds: int = 5,
               progress: Optional[Callable[[str], None]] = None) -> Plan:
     """Refine ``plan`` group by group by the decode time of the whole model; returns the new plan.
 
@@ -66,6 +67,9 @@ def tune_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]
             speed does not depend on them).
         min_gain: another choice must be this much faster (fraction of a decode step) to replace
             the per-layer plan's, so that noise does not flip decisions.
+        rounds: each option is timed this many times, in interleaved rounds (median kept). On a
+            shared virtual machine two timings of the same model seconds apart differed by up to
+            20% here; one sample per option chose on that noise.
     """
     masks, qweights = dict(masks or {}), dict(qweights or {})
     dense = {layer.name: model.get_submodule(layer.name) for layer in plan.layers}
@@ -104,11 +108,13 @@ def tune_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]
                             key=lambda g: -sum(lay.out_features * lay.in_features for lay in g))
             for group in groups:
                 options = list(dict.fromkeys([chosen[group[0].name]] + _candidates(group[0], candidates)))
-                times: dict[str, float] = {}
-                for kernel in options:
-                    for layer in group:
-                        put(layer.name, module(layer.name, kernel))
-                    times[kernel] = decode_ms()
+                samples: dict[str, list[float]] = {k: [] for k in options}
+                for _ in range(rounds):  # interleaved, so that a slow spell hits every option
+                    for kernel in options:
+                        for layer in group:
+                            put(layer.name, module(layer.name, kernel))
+                        samples[kernel].append(decode_ms())
+                times = {k: statistics.median(v) for k, v in samples.items()}
                 first = options[0]
                 best = min(times, key=lambda k: times[k])
                 if times[best] > times[first] * (1 - min_gain):
