@@ -97,7 +97,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
     """Prune (cached) and export with a measured kernel plan (cached); the runtime folder."""
     work = Path(a.work)
     name = slug(row["spec"], a.method)
-    ck, rt = work / f"ck-{name}", work / f"rt-{name}{'-a8' if row.get('act_int8') else ''}"
+    ck = work / f"ck-{name}"
+    rt = work / f"rt-{name}{'-a8' if row.get('act_int8') else ''}{'-tuned' if a.tune else ''}"
     py = [sys.executable, "-m", "prunus"]
     if not (ck / "prunus.json").is_file():
         t0 = time.perf_counter()
@@ -112,7 +113,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
     if not (rt / "prunus.json").is_file():
         r = _run(py + ["export", str(ck), "--runtime", "auto", "--tokens", "1", "--threads",
                        str(a.threads), "--out", str(rt), "--overwrite"]
-                 + (["--act-int8"] if row.get("act_int8") else []), log)
+                 + (["--act-int8"] if row.get("act_int8") else []) + (["--tune"] if a.tune else []),
+                 log)
         if r.returncode != 0:
             return None
     return rt
@@ -328,6 +330,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--tune", action="store_true",
+                    help="export with --tune (the plan checked on the decode of the whole model)")
     ap.add_argument("--update", metavar="JSON",
                     help="re-measure the --only rows and replace them in this earlier --json file")
     ap.add_argument("--prune-only", action="store_true",
