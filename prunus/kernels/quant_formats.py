@@ -57,8 +57,9 @@ def q8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Optional[Tensor], in
     return codes.contiguous(), qw.scales.float().contiguous(), zeros, _group(qw)
 
 
-def q4_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(packed uint8 (out, in / 2), scales (out, G), zeros float (out, G), group)."""
+def _nibbles(qw: QuantizedWeight, block: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Unsigned 4-bit codes two per byte in blocks of ``block`` columns (byte ``j`` of a block holds
+    columns ``j`` and ``j + block / 2``), scales, zero points (8 for a symmetric grid), group."""
     out_f, in_f = qw.codes.shape
     u = qw.codes.to(torch.int16)
     if qw.quant.symmetric:
@@ -66,17 +67,28 @@ def q4_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, int]:
         zeros = torch.full_like(qw.scales.float(), 8.0)
     else:
         zeros = qw.zeros.float()
-    blocks = u.reshape(out_f, in_f // 32, 2, 16)
+    blocks = u.reshape(out_f, in_f // block, 2, block // 2)
     packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).to(torch.uint8)
     return packed.reshape(out_f, in_f // 2).contiguous(), qw.scales.float().contiguous(), \
         zeros.contiguous(), _group(qw)
 
 
+def _nibble_codes(packed: Tensor, in_f: int, block: int) -> Tensor:
+    """Inverse of :func:`_nibbles`: unsigned codes (out, in) as int16."""
+    out_f = packed.shape[0]
+    b = packed.to(torch.int16).reshape(out_f, in_f // block, block // 2)
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out_f, in_f)
+
+
+def q4_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(packed uint8 (out, in / 2) in blocks of 32 columns, scales (out, G), zeros float (out, G),
+    group)."""
+    return _nibbles(qw, 32)
+
+
 def q4_codes(packed: Tensor, in_f: int) -> Tensor:
     """Inverse of the packing of :func:`q4_arrays`: unsigned codes (out, in) as int16."""
-    out_f = packed.shape[0]
-    b = packed.to(torch.int16).reshape(out_f, in_f // 32, 16)
-    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out_f, in_f)
+    return _nibble_codes(packed, in_f, 32)
 
 
 def bitmap_q8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -131,21 +143,9 @@ def q4a8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
 def q4a8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, int]:
     """(packed uint8 (out, in / 2) in blocks of 64 columns -- byte ``j`` holds columns ``j`` and
     ``j + 32`` --, scales (out, G), zeros float (out, G), group)."""
-    out_f, in_f = qw.codes.shape
-    u = qw.codes.to(torch.int16)
-    if qw.quant.symmetric:
-        u = u + 8
-        zeros = torch.full_like(qw.scales.float(), 8.0)
-    else:
-        zeros = qw.zeros.float()
-    blocks = u.reshape(out_f, in_f // 64, 2, 32)
-    packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).to(torch.uint8)
-    return packed.reshape(out_f, in_f // 2).contiguous(), qw.scales.float().contiguous(), \
-        zeros.contiguous(), _group(qw)
+    return _nibbles(qw, 64)
 
 
 def q4a8_codes(packed: Tensor, in_f: int) -> Tensor:
     """Inverse of the packing of :func:`q4a8_arrays`: unsigned codes (out, in) as int16."""
-    out_f = packed.shape[0]
-    b = packed.to(torch.int16).reshape(out_f, in_f // 64, 32)
-    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(out_f, in_f)
+    return _nibble_codes(packed, in_f, 64)

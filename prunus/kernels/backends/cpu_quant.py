@@ -41,6 +41,14 @@ from prunus.kernels.quant_formats import (a8_serves, bitmap_mask, bitmap_q8_arra
 from prunus.kernels.registry import KernelError, KernelSpec, register_kernel
 
 
+def _decode(codes: Tensor, zeros: Optional[Tensor], scales: Tensor, group: int, in_f: int) -> Tensor:
+    """``(q - z) * s`` per group: the float weight of a kernel's integer arrays."""
+    q = codes.float()
+    if zeros is not None:
+        q = q - expand_groups(zeros, group, in_f)
+    return q * expand_groups(scales, group, in_f)
+
+
 class Int8Linear(SparseLinear):
     """Dense int8 codes (``cpu_int8``)."""
 
@@ -62,20 +70,19 @@ class Int8Linear(SparseLinear):
         return int(self.codes.numel())
 
     def dense_weight(self) -> Tensor:
-        q = self.codes.float()
-        if self.zeros is not None:
-            q = q - expand_groups(self.zeros, self.group, self.in_features)
-        return q * expand_groups(self.scales, self.group, self.in_features)
+        return _decode(self.codes, self.zeros, self.scales, self.group, self.in_features)
 
 
 class Int4Linear(SparseLinear):
     """Dense int4 codes, two per byte (``cpu_int4``)."""
 
     kernel = "cpu_int4"
+    pack = staticmethod(q4_arrays)  # the packing its op reads, and its inverse
+    unpack = staticmethod(q4_codes)
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
-        packed, scales, zeros, self.group = q4_arrays(qw)
+        packed, scales, zeros, self.group = self.pack(qw)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("zeros", zeros, persistent=False)
@@ -90,9 +97,8 @@ class Int4Linear(SparseLinear):
         return int(self.packed.numel() * 2)
 
     def dense_weight(self) -> Tensor:
-        q = q4_codes(self.packed, self.in_features).float()
-        q = q - expand_groups(self.zeros, self.group, self.in_features)
-        return q * expand_groups(self.scales, self.group, self.in_features)
+        return _decode(self.unpack(self.packed, self.in_features), self.zeros, self.scales,
+                       self.group, self.in_features)
 
 
 class BitmapInt8Linear(SparseLinear):
@@ -139,10 +145,7 @@ class TorchIntLinear(SparseLinear):
         self.register_buffer("zeros", None if zeros is None else zeros.contiguous(), persistent=False)
 
     def dense_weight(self) -> Tensor:
-        q = self.codes.float()
-        if self.zeros is not None:
-            q = q - expand_groups(self.zeros, self.group, self.in_features)
-        return q * expand_groups(self.scales, self.group, self.in_features)
+        return _decode(self.codes, self.zeros, self.scales, self.group, self.in_features)
 
     def matmul(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
@@ -226,31 +229,17 @@ class BitmapInt8A8Linear(BitmapInt8Linear):
                                                        self.in_features)
 
 
-class Int4A8Linear(SparseLinear):
+class Int4A8Linear(Int4Linear):
     """W4A8 (``cpu_int4_a8``): int4 codes and an int8 activation (one scale per token)."""
 
     kernel = "cpu_int4_a8"
-
-    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
-        super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
-        packed, scales, zeros, self.group = q4a8_arrays(qw)
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
+    pack = staticmethod(q4a8_arrays)  # blocks of 64 columns, for vpdpbusd
+    unpack = staticmethod(q4a8_codes)
 
     def matmul(self, x: Tensor) -> Tensor:
         packed, scales, zeros, bias = self.cached(("packed", "scales", "zeros", "bias"))
         return torch.ops.prunus_cpu.q4a8_linear(x, packed, scales, zeros, bias, self.group,
                                                 self.in_features)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.packed.numel() * 2)
-
-    def dense_weight(self) -> Tensor:
-        q = q4a8_codes(self.packed, self.in_features).float()
-        q = q - expand_groups(self.zeros, self.group, self.in_features)
-        return q * expand_groups(self.scales, self.group, self.in_features)
 
 
 for _name, _cls, _serves, _prio, _desc in (
