@@ -62,6 +62,16 @@ int shift_for(int64_t group, int64_t in, int64_t groups) {
   return s;
 }
 
+// Sum of each token's x over each group of columns (n, G), for the zero points: a zero point z
+// enters a group's product as z * sum(x over the group).
+template <typename S, typename T>
+std::vector<S> group_sums(const T* x, int64_t n, int64_t in, int64_t groups, int shift) {
+  std::vector<S> out(n * groups, S{0});
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < in; ++c) out[t * groups + group_of(c, shift)] += x[t * in + c];
+  return out;
+}
+
 struct Q8 {
   const int8_t* q;
   const float* s;
@@ -408,12 +418,8 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   const float* xd = x.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yd = y.data_ptr<float>();
-  std::vector<float> xsum(w.z ? n * w.G : 1, 0.f);  // sum of x over each group, for zero points
-  if (w.z) {
-    const int64_t gs = w.G == 1 ? in : (int64_t{1} << w.shift);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < in; ++c) xsum[t * w.G + c / gs] += xd[t * in + c];
-  }
+  const std::vector<float> xsum = w.z ? group_sums<float>(xd, n, in, w.G, w.shift)
+                                       : std::vector<float>(1, 0.f);
   for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
 #ifdef PRUNUS_AVX512
     token_tiles(n, [&](auto tc, int64_t t) {
@@ -459,12 +465,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at:
   const float* xd = x.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yd = y.data_ptr<float>();
-  std::vector<float> xsum(n * w.G, 0.f);  // sum of x over each group, for the zero points
-  {
-    const int64_t gs = w.G == 1 ? in : (int64_t{1} << w.shift);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < in; ++c) xsum[t * w.G + c / gs] += xd[t * in + c];
-  }
+  const std::vector<float> xsum = group_sums<float>(xd, n, in, w.G, w.shift);
   for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
 #ifdef PRUNUS_AVX512
     token_tiles(n, [&](auto tc, int64_t t) {
@@ -793,10 +794,7 @@ at::Tensor q4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   std::vector<int8_t> xq(n * in);
   std::vector<float> sx(n);
   quantize_rows_signed(x.data_ptr<float>(), n, in, xq.data(), sx.data());
-  const int64_t gs = w.G == 1 ? in : group;
-  std::vector<int32_t> xsum(n * w.G, 0);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < in; ++c) xsum[t * w.G + c / gs] += xq[t * in + c];
+  const std::vector<int32_t> xsum = group_sums<int32_t>(xq.data(), n, in, w.G, w.shift);
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yd = y.data_ptr<float>();
   for_even_rows(out, out * in * n, 4, [&](int64_t r0, int64_t r1) {
