@@ -10,6 +10,14 @@ Grammar accepted by :func:`parse_sparsity`::
     4x4@0.5 | 8x1@50%                   blocks of RxC weights, pruned whole, at a ratio
     channel@0.3                         whole output channels (rows of the weight), at a ratio
 
+Structured removal (:class:`Structure`) comes first, each part joined by ``+``::
+
+    mlp@0.3      30% of every MLP's intermediate channels removed (whole rows of gate/up, columns of down)
+    heads@0.25   25% of the attention heads removed (GQA-aware: see prunus.structured)
+    blocks@4     4 whole blocks removed
+
+    mlp@0.3+heads@0.25   blocks@2+mlp@0.2+2:4   mlp@0.25+2:4+int8   (then N:M on what remains)
+
 A sparsity may be followed by a weight quantization, ``SPARSITY+QUANT`` (:func:`parse_spec`)::
 
     QUANT   := "int" BITS [ "g" GROUP | "c" ] [ "z" ]
@@ -212,6 +220,83 @@ def parse_quant(text: str) -> Quant:
         raise SpecError(f"invalid quantization {text!r}: {e}") from None
 
 
+@dataclass(frozen=True)
+class Structure:
+    """Structured removal: whole units go, and the model gets physically smaller.
+
+    Attributes:
+        mlp: fraction of each MLP's intermediate channels removed, in [0, 1).
+        heads: fraction of the attention heads removed, in [0, 1).
+        blocks: number of whole blocks removed.
+    """
+
+    mlp: float = 0.0
+    heads: float = 0.0
+    blocks: int = 0
+
+    def __post_init__(self) -> None:
+        for kind in ("mlp", "heads"):
+            v = getattr(self, kind)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v < 1:
+                raise SpecError(f"{kind}@{v!r}: the fraction removed must lie in [0, 1)")
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0:
+            raise SpecError(f"blocks@{self.blocks!r}: the number of blocks removed must be an integer >= 0")
+
+    def __bool__(self) -> bool:
+        return bool(self.mlp or self.heads or self.blocks)
+
+    def __str__(self) -> str:
+        parts = ([f"blocks@{self.blocks}"] if self.blocks else []) + \
+            ([f"heads@{self.heads:g}"] if self.heads else []) + ([f"mlp@{self.mlp:g}"] if self.mlp else [])
+        return "+".join(parts)
+
+
+_STRUCT_RE = re.compile(r"^\s*(?P<kind>mlp|heads|blocks)\s*@\s*(?P<value>[^+]*?)\s*$", re.I)
+
+
+def _parse_structure_part(part: str, found: dict[str, float | int]) -> None:
+    m = _STRUCT_RE.match(part)
+    assert m is not None
+    kind, value = m["kind"].lower(), m["value"]
+    if kind in found:
+        raise SpecError(f"invalid structure {part!r}: {kind}@ given twice")
+    if kind == "blocks":
+        if not re.fullmatch(r"\d+", value):
+            raise SpecError(f"invalid structure {part!r}: blocks@ takes a whole number of blocks (blocks@4)")
+        found[kind] = int(value)
+        return
+    try:
+        ratio = parse_ratio(value)
+    except SpecError:
+        raise SpecError(f"invalid structure {part!r}: {kind}@ takes a fraction like 0.3 or 30%") from None
+    if ratio >= 1:
+        raise SpecError(f"invalid structure {part!r}: removing every {kind} unit leaves nothing; use < 1")
+    found[kind] = ratio
+
+
+def parse_structured(text: str | float) -> tuple[Optional[Structure], Pattern, float, Optional[Quant]]:
+    """``"mlp@0.3+2:4+int8"`` -> ``(Structure(mlp=0.3), NM(2, 4), 0.5, Quant(8))``.
+
+    The structure parts come first; then at most one sparsity and at most one quantization. A spec
+    with only structure parts has sparsity 0 (nothing more is pruned) and no quantization.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return (None, *parse_sparsity(text), None)
+    parts = [p for p in str(text).split("+")]
+    found: dict[str, float | int] = {}
+    while parts and _STRUCT_RE.match(parts[0]):
+        _parse_structure_part(parts.pop(0), found)
+    if any(_STRUCT_RE.match(p) for p in parts):
+        raise SpecError(f"invalid sparsity {text!r}: structure parts (mlp@, heads@, blocks@) come first")
+    structure = Structure(**found) if found else None  # type: ignore[arg-type]
+    if not parts:
+        return structure, Unstructured(), 0.0, None
+    rest = "+".join(parts)
+    if structure is not None and rest.lower().startswith("int"):
+        rest = "0+" + rest
+    return (structure, *parse_spec(rest))
+
+
 def parse_spec(text: str | float) -> tuple[Pattern, float, Optional[Quant]]:
     """``"2:4+int8"`` -> ``(NM(2, 4), 0.5, Quant(8))``; without ``+`` the quant is None."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -238,12 +323,15 @@ class SparsitySpec:
             (checked against the registry where the spec is used: ``prunus.budgets.get``)
             (``uniform``, ``global``, ``erk``, ``owl``).
         quant: optional :class:`Quant` of the kept weights (``2:4+int8``); None: float weights.
+        structure: optional :class:`Structure` removed first (``mlp@0.3``); the pattern and
+            sparsity then apply to what remains.
     """
 
     pattern: Pattern
     sparsity: float
     allocation: str = "uniform"
     quant: Optional[Quant] = None
+    structure: Optional[Structure] = None
 
     def __post_init__(self) -> None:
         parse_ratio(self.sparsity)
@@ -259,15 +347,29 @@ class SparsitySpec:
             raise SpecError(f"allocation must be a budget name, got {self.allocation!r}")
         if self.quant is not None and not isinstance(self.quant, Quant):
             raise SpecError(f"quant must be a Quant, got {self.quant!r}")
+        if self.structure is not None and not isinstance(self.structure, Structure):
+            raise SpecError(f"structure must be a Structure, got {self.structure!r}")
+        if self.structure is not None and not self.structure:
+            object.__setattr__(self, "structure", None)  # mlp@0 removes nothing: no structure
 
     @classmethod
     def parse(cls, text: str | float, allocation: str = "uniform") -> "SparsitySpec":
-        """Build a spec from ``SPARSITY[+QUANT]`` (see :func:`parse_spec`) and an allocation name."""
-        pattern, sparsity, quant = parse_spec(text)
-        return cls(pattern, sparsity, allocation, quant)
+        """Build a spec from ``[STRUCTURE+]SPARSITY[+QUANT]`` (see :func:`parse_structured`) and an
+        allocation name."""
+        structure, pattern, sparsity, quant = parse_structured(text)
+        return cls(pattern, sparsity, allocation, quant, structure)
+
+    @property
+    def remainder(self) -> bool:
+        """Whether anything is left to do after the structure: a sparsity or a quantization."""
+        return self.sparsity > 0 or self.quant is not None or not isinstance(self.pattern, Unstructured)
 
     def __str__(self) -> str:
         s = format_sparsity(self.pattern, self.sparsity)
         if self.quant is not None:
             s += f"+{self.quant}"
+        if self.structure is not None:
+            if self.quant is not None and self.sparsity == 0 and isinstance(self.pattern, Unstructured):
+                s = str(self.quant)
+            s = str(self.structure) + ("+" + s if self.remainder else "")
         return s if self.allocation == "uniform" else f"{s} ({self.allocation})"

@@ -43,25 +43,11 @@ from prunus.errors import ModelError
 from prunus.core.stats import DENSE_STATS, LayerStats, layer_seed
 from prunus.core.capture import inputs_of
 from prunus.core.targets import Target
+from prunus.core.units import find_blocks  # noqa: F401  (re-exported: the loop's blocks)
 
 OnLayer = Callable[[Target, LayerStats], None]
 # after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
 AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]], None]
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the ModuleList with the most parameters whose children share one class."""
-    best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(c) for c in mod}) != 1:
-                continue
-            n = sum(p.numel() for p in mod.parameters())
-            if n > best[0]:
-                best = (n, name, mod)
-    if best[2] is None:
-        raise ModelError(f"{type(model).__name__}: found no list of transformer blocks to calibrate")
-    return best[1], best[2]
 
 
 @dataclass

@@ -64,6 +64,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from prunus.core.units import apply_layer_widths, find_blocks, layer_widths
 from prunus.errors import CheckpointError
 from prunus.export import floatcode, qcodec
 from prunus.export.codec import (decode_quantized, BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
@@ -217,8 +218,12 @@ def _build(folder: Path, architecture: str | None, dtype: torch.dtype, device: t
         cls = getattr(transformers, architecture or "", None)
         with _no_init(), device:
             if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-                return cls._from_config(config, dtype=dtype)
-            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+                model = cls._from_config(config, dtype=dtype)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            if layer_widths(config):  # structured pruning with widths that differ per layer
+                apply_layer_widths(model, find_blocks(model)[1], config)
+            return model
     except Exception as e:  # transformers raises many types (config validation among them)
         raise CheckpointError(f"{folder / 'config.json'} cannot be used: {error_line(e)}") from None
 
