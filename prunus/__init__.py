@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prune": ("prunus.oneshot.pipeline", "prune"),
+    "prune": ("prunus.api", "prune"),
     "PruneResult": ("prunus.oneshot.pipeline", "PruneResult"),
     "SparsitySpec": ("prunus.core.spec", "SparsitySpec"),
     "parse_sparsity": ("prunus.core.spec", "parse_sparsity"),

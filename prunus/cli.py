@@ -24,8 +24,16 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. method_options.blocksize=64")
     p.add_argument("--recipe", help="YAML recipe; flags and overrides take precedence")
     p.add_argument("--method", help="method name(s), comma-separated: magnitude, random, wanda, sparsegpt, ...")
-    p.add_argument("--sparsity", help="spec(s), comma-separated: 0.5, 50%%, 2:4, 4x4@0.5, channel@0.3")
+    p.add_argument("--sparsity", help="spec(s), comma-separated: 0.5, 50%%, 2:4, 4x4@0.5, channel@0.3, "
+                                        "mlp@0.3, heads@0.25, blocks@4, mlp@0.25+2:4+int8")
     p.add_argument("--allocation", help="layer budget: uniform, global, erk, owl")
+    p.add_argument("--structure-method", help="unit criterion for mlp@/heads@/blocks@ specs: flap, wanda-sp, "
+                                              "magnitude, random (default: from --method, else flap)")
+    p.add_argument("--structure-allocation", help="structure budget over layers: uniform (default), "
+                                                  "global (FLAP), cfsp (coarse-to-fine)")
+    p.add_argument("--heads-unit", help="GQA head unit: auto (default), group (whole KV groups), query")
+    p.add_argument("--compensate", action="store_true", default=None,
+                   help="FLAP bias compensation: fold removed channels' mean output into a bias")
     p.add_argument("--refine", help="mask refiner applied after the method: dsnot")
     p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
                    help="after each block is pruned, tune its kept weights for EPOCHS passes over the "
@@ -217,6 +225,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             d[k] = v
     if args.no_baselines:
         d["baselines"] = []
+    if args.structure_method:
+        d["structure_method"] = args.structure_method
+    for flag, key in (("structure_allocation", "allocation"), ("heads_unit", "heads"), ("compensate", "compensate")):
+        if getattr(args, flag, None) is not None:
+            d["structure"] = {**dict(d.get("structure") or {}), key: getattr(args, flag)}
     if getattr(args, "reconstruct", None) is not None:
         d["reconstruct"] = {**dict(d.get("reconstruct") or {}), "epochs": args.reconstruct}
     if args.step:

@@ -40,9 +40,18 @@ PRUNE_COLUMNS = (("spec", "sparsity spec"), ("label", "method"), ("perplexity", 
                  ("peak_rss_mb", "peak RSS MB"))
 
 
+STRUCTURE_COLUMNS = (("parameters_m", "params M"), ("removed", "block params removed"))
+
+
 def prune_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The ``prunus prune`` comparison table (dense, each method, magnitude, random)."""
-    return table(rows, PRUNE_COLUMNS)
+    """The ``prunus prune`` comparison table (dense, each method, magnitude, random); with
+    structured runs, also the parameters left and the fraction of block parameters removed."""
+    if not any(r.get("structure") for r in rows):
+        return table(rows, PRUNE_COLUMNS)
+    rows = [{**r, "parameters_m": r["parameters"] / 1e6 if r.get("parameters") else None,
+             "removed": (r.get("structure") or {}).get("removed_fraction", 0.0 if r.get("role") == "dense" else None)}
+            for r in rows]
+    return table(rows, PRUNE_COLUMNS[:3] + STRUCTURE_COLUMNS + PRUNE_COLUMNS[3:])
 
 
 def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
@@ -54,7 +63,7 @@ def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
     from prunus.io.fsutil import atomic_file
 
-    runs = [r for r in rows if r.get("per_layer")]
+    runs = [r for r in rows if r.get("per_layer") or r.get("structure")]
     specs = list(dict.fromkeys(r["spec"] for r in runs))
     labels = list(dict.fromkeys(r["label"] for r in runs))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -71,14 +80,22 @@ def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     ax1.set_ylabel("perplexity (lower is better)")
     ax1.set_title("quality at equal sparsity")
     ax1.legend(fontsize=8)
-    for r in runs:
+    structured = [r for r in runs if r.get("structure")]
+    for r in runs if not structured else structured:
+        if structured:  # the width each block kept, relative to the widest
+            ws = r["structure"]["widths"]
+            for key, mark in (("intermediate_size", "."), ("num_attention_heads", "x")):
+                top = max(w[key] for w in ws) or 1
+                ax2.plot(range(len(ws)), [w[key] / top for w in ws], mark, ms=4,
+                         label=f"{r['label']} {r['spec']} {'mlp' if mark == '.' else 'heads'}")
+            continue
         names = list(r["per_layer"])
         ax2.plot(range(len(names)), [r["per_layer"][n]["achieved"] for n in names], ".", ms=3,
                  label=f"{r['label']} {r['spec']}")
-    ax2.set_xlabel("layer (module order)")
-    ax2.set_ylabel("achieved sparsity")
+    ax2.set_xlabel("block" if structured else "layer (module order)")
+    ax2.set_ylabel("width kept (of the widest block)" if structured else "achieved sparsity")
     ax2.set_ylim(-0.02, 1.02)
-    ax2.set_title("per-layer sparsity")
+    ax2.set_title("per-block widths" if structured else "per-layer sparsity")
     ax2.legend(fontsize=7, markerscale=3)
     fig.tight_layout()
     with atomic_file(path) as tmp:

@@ -109,7 +109,9 @@ LAYERS = {
     "prunus.training": {"prunus.errors", "prunus.core", "prunus.criteria", "prunus.budgets", "prunus.io"},
     "prunus.export": {"prunus", "prunus.errors", "prunus.core", "prunus.io"},  # never kernels
     "prunus.oneshot": {"prunus", "prunus.errors", "prunus.core", "prunus.criteria", "prunus.budgets",
-                       "prunus.algorithms", "prunus.io", "prunus.export", "prunus.evaluate"},
+                       "prunus.algorithms", "prunus.io", "prunus.export", "prunus.evaluate",
+                       "prunus.structured"},  # the job and runner hand structured specs over
+    "prunus.structured": {"prunus", "prunus.errors", "prunus.core", "prunus.algorithms", "prunus.oneshot"},
 }
 
 

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from prunus.core.options import check, coerce, option
+from prunus.core.options import build_options, check, coerce, option
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
 from prunus.errors import SpecError
@@ -35,6 +35,8 @@ from prunus.export import format_names
 from prunus.io.checks import check_device
 from prunus.oneshot.plan import make_plan, make_steps
 from prunus.oneshot.steps import StepRun
+from prunus.structured.prune import StructureOptions
+from prunus.structured.run import check_remainder_method, is_unit_criterion, structure_method_for
 
 BASELINES = ("dense", "magnitude", "random")
 
@@ -68,6 +70,8 @@ class PruneJob:
     refine_options: Any = None
     allocation_options: Any = None
     steps: tuple[StepRun, ...] = ()
+    structure_method: Optional[str] = None
+    structure_options: Any = None
     out: Optional[str] = None
     format: str = "compressed"
     overwrite: bool = False
@@ -84,7 +88,7 @@ class PruneJob:
 
 
 _INT_FIELDS = {"nsamples", "seqlen", "windows", "eval_batch_size", "calib_batch_size", "seed"}
-_MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps")
+_MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps", "structure")
 
 
 def _as_list(v: Any) -> list:
@@ -121,7 +125,8 @@ def _steps(d: dict) -> tuple[StepRun, ...]:
 def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     """Validate a flat mapping (recipe + overrides + flags) into a :class:`PruneJob`."""
     d = dict(d)
-    known = {f.name for f in dataclasses.fields(PruneJob)} | {"method", "sparsity", "allocation", "reconstruct"}
+    known = {f.name for f in dataclasses.fields(PruneJob)} | {"method", "sparsity", "allocation", "reconstruct",
+                                                             "structure"}
     if unknown := set(d) - known:
         raise SpecError(f"unknown setting(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
     if not d.get("model"):
@@ -143,14 +148,21 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         if d.get(k) is not None and not isinstance(d[k], Mapping):
             raise SpecError(f"{k} must be a mapping of option: value, got {d[k]!r}")
     steps = _steps(d)
+    structure_method, structure_options = _structure(d, specs, methods)
     method_options, refine_options, allocation_options = [], None, None
     for m in methods:
+        plan = None
         for s in specs:  # every run of the grid resolves now, so a bad option fails before loading
+            if s.structure is not None:
+                check_remainder_method(s, m)
+                if not s.remainder:
+                    continue
             plan = make_plan(s, m, refine=d.get("refine"), method_options=d.get("method_options"),
                              refine_options=d.get("refine_options"),
                              allocation_options=d.get("allocation_options"), steps=steps)
-        method_options.append((plan.method.name, plan.method_options))
-        refine_options, allocation_options = plan.refine_options, plan.allocation_options
+        if plan is not None:
+            method_options.append((plan.method.name, plan.method_options))
+            refine_options, allocation_options = plan.refine_options, plan.allocation_options
     hints = typing.get_type_hints(PruneJob)
     for k in _INT_FIELDS | {"out", "json", "plot", "calib", "eval", "refine", "device", "format", "model"}:
         if k in d:
@@ -174,4 +186,34 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     for k in _MAPPINGS[:3]:
         d.pop(k, None)
     return PruneJob(methods=methods, specs=specs, baselines=bl, method_options=tuple(method_options),
-                    refine_options=refine_options, allocation_options=allocation_options, steps=steps, **d)
+                    refine_options=refine_options, allocation_options=allocation_options, steps=steps,
+                    structure_method=structure_method, structure_options=structure_options, **d)
+
+
+def _structure(d: dict, specs: tuple[SparsitySpec, ...], methods: tuple[str, ...]) -> tuple[Optional[str], Any]:
+    """``structure: {method: flap, allocation: global, heads: auto, compensate: true}`` (or the
+    flags ``--structure-method``, ``--structure-allocation``, ``--compensate``), typed."""
+    raw = d.pop("structure", None) or {}
+    if not isinstance(raw, Mapping):
+        raise SpecError("structure must be a mapping, e.g. {method: flap, allocation: global, compensate: true}")
+    raw = dict(raw)
+    given = raw.pop("method", None)
+    if d.get("structure_method") is not None:
+        given = d.pop("structure_method")
+    d.pop("structure_method", None)
+    if d.get("structure_options") is not None:
+        extra = d.pop("structure_options")
+        if not isinstance(extra, Mapping):
+            raise SpecError(f"structure_options must be a mapping, got {extra!r}")
+        raw.update(extra)
+    d.pop("structure_options", None)
+    options = build_options(StructureOptions, raw, "structure")
+    if given is not None:
+        given = structure_method_for("", coerce(given, str, "structure method"))
+    for m in methods:
+        if is_unit_criterion(m) and m not in ("magnitude", "random"):
+            for s in specs:
+                if s.structure is None:
+                    raise SpecError(f"{m!r} scores structures: give a structured spec (mlp@0.3, heads@0.25, "
+                                    f"blocks@2), not {s}")
+    return given, options

@@ -69,6 +69,7 @@ class PruneResult:
     budgets: dict[str, float] = field(default_factory=dict)
     label: str = ""
     quant: dict[str, QuantizedWeight] = field(default_factory=dict)  # module fqn -> codes (spec.quant)
+    structure: Any = None  # a prunus.structured StructureResult when the spec removed structure
 
     def per_layer(self) -> dict[str, dict[str, Any]]:
         return {l.name: {"shape": list(l.shape), "target": round(l.target, 6),

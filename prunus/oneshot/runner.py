@@ -43,13 +43,19 @@ def _windows(job: PruneJob, tokenizer: Any) -> tuple[Optional[Tensor], Optional[
 
 
 def _row(label: str, role: str, spec: Optional[SparsitySpec], res: Optional[PruneResult],
-         ppl: Optional[float], eval_s: Optional[float]) -> dict[str, Any]:
+         ppl: Optional[float], eval_s: Optional[float], model: Optional[nn.Module] = None) -> dict[str, Any]:
     row: dict[str, Any] = {"label": label, "role": role, "spec": str(spec) if spec else "-",
                            "perplexity": ppl, "eval_seconds": eval_s, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if model is not None:
+        row["parameters"] = sum(p.numel() for p in model.parameters())
     if res is not None:
         row.update(method=res.method, refine=res.refine, allocation=res.spec.allocation,
                    pattern=str(res.spec.pattern), target_sparsity=res.spec.sparsity,
                    sparsity=res.sparsity, seconds=res.seconds, per_layer=res.per_layer())
+        if res.structure is not None:
+            from prunus.structured.run import structure_summary
+
+            row["structure"] = structure_summary(res)
     else:
         row.update(sparsity=0.0 if role == "dense" else None, seconds=None)
     return row
@@ -100,11 +106,11 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
             for m, w in dense_emb.values():
                 m.weight.copy_(w)
 
-    def ppl(desc: str) -> tuple[Optional[float], Optional[float]]:
+    def ppl(desc: str, net: nn.Module = model) -> tuple[Optional[float], Optional[float]]:
         if ev is None:
             return None, None
         t = time.perf_counter()
-        p = perplexity(model, ev, batch_size=job.eval_batch_size, device=job.device,
+        p = perplexity(net, ev, batch_size=job.eval_batch_size, device=job.device,
                        progress=job.progress, desc=desc)
         return p, time.perf_counter() - t
 
@@ -113,7 +119,7 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     if "dense" in job.baselines:
         p, s = ppl("dense ppl")
-        rows.append(_row("dense", "dense", None, None, p, s))
+        rows.append(_row("dense", "dense", None, None, p, s, model))
         log(f"dense: ppl {p:.2f}" if p is not None else "dense")
 
     saved: Optional[dict[str, Any]] = None
@@ -123,32 +129,57 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                  if b in job.baselines and b not in job.methods]
         for name, role in runs:
             restore()
-            if role == "method":
-                plan = make_plan(spec, name, refine=job.refine, method_options=job.options_of(name),
-                                 refine_options=job.refine_options,
-                                 allocation_options=job.allocation_options, steps=job.steps)
+            plan = None
+            if spec.structure is None or spec.remainder:
+                if role == "method":
+                    plan = make_plan(spec, name, refine=job.refine, method_options=job.options_of(name),
+                                     refine_options=job.refine_options,
+                                     allocation_options=job.allocation_options, steps=job.steps)
+                else:
+                    plan = make_plan(spec, name, allocation_options=job.allocation_options)
+            net = model
+            if spec.structure is not None:
+                net, res = _structured(job, model, spec, name, role, plan, calib)
             else:
-                plan = make_plan(spec, name, allocation_options=job.allocation_options)
-            res = prune_targets(model, targets, plan, calib, device=job.device,
-                                batch_size=job.calib_batch_size, seed=job.seed, progress=job.progress)
-            label = plan.label
-            p, s = ppl(f"{label} {spec} ppl")
-            rows.append(_row(label, role, spec, res, p, s))
+                res = prune_targets(model, targets, plan, calib, device=job.device,
+                                    batch_size=job.calib_batch_size, seed=job.seed, progress=job.progress)
+            label = res.label
+            p, s = ppl(f"{label} {spec} ppl", net)
+            rows.append(_row(label, role, spec, res, p, s, net))
             log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
                 + (f", ppl {p:.2f}" if p is not None else ""))
             if job.out and role == "method" and saved is None:
                 meta = provenance(job, spec, res, p)
                 extra = {"quant": res.quant} if res.quant else {}
-                info = export.save(model.to("cpu"), job.out, format=job.format, masks=res.masks,
+                info = export.save(net.to("cpu"), job.out, format=job.format, masks=res.masks,
                                    metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite, **extra)
                 saved = {"path": str(info.path), "format": info.format, "bytes": info.bytes,
                          "dense_bytes": info.dense_bytes}
                 log(f"saved {job.format} checkpoint to {info.path}: {info.bytes / 2**20:.1f} MiB "
                     f"({info.bytes / max(1, info.dense_bytes):.2f}x of dense {info.dense_bytes / 2**20:.1f} MiB)")
                 if job.device != "cpu":
-                    model.to(job.device)
+                    net.to(job.device)
+            del net
     restore()  # the caller gets the dense model back (when a copy was kept)
     return assemble(job, rows, saved)
+
+
+def _structured(job: PruneJob, model: nn.Module, spec: SparsitySpec, name: str, role: str,
+                plan: Any, calib: Optional[Tensor]) -> tuple[nn.Module, PruneResult]:
+    """Structure removed from a copy of the dense model (it changes shape), then the remainder."""
+    import copy
+
+    from prunus.structured.prune import StructureOptions
+    from prunus.structured.run import prune_with_structure, structure_method_for
+
+    work = copy.deepcopy(model)
+    smethod = structure_method_for(name, job.structure_method if role == "method" else None)
+    res = prune_with_structure(work, spec, smethod, plan, calib,
+                               options=job.structure_options or StructureOptions(),
+                               steps=job.steps if role == "method" else (), include=job.include,
+                               exclude=job.exclude, device=job.device, batch_size=job.calib_batch_size,
+                               seed=job.seed, progress=job.progress)
+    return work, res
 
 
 def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optional[float]) -> dict[str, Any]:
@@ -162,7 +193,14 @@ def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optiona
             "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()},
-            **({"quant": str(spec.quant)} if spec.quant is not None else {})}
+            **({"quant": str(spec.quant)} if spec.quant is not None else {}),
+            **({"structure": _summary(res)} if res.structure is not None else {})}
+
+
+def _summary(res: PruneResult) -> Optional[dict[str, Any]]:
+    from prunus.structured.run import structure_summary
+
+    return structure_summary(res)
 
 
 def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:

@@ -106,6 +106,22 @@ def cfsp_counts(layers: Sequence[LayerUnits], ratio: Mapping[str, float], import
     return out
 
 
+def round_kept(counts: dict[tuple[int, str], int], layers: Sequence[LayerUnits], kind: str,
+               multiple: int) -> dict[tuple[int, str], int]:
+    """Counts adjusted so that every layer of ``kind`` keeps a multiple of ``multiple`` units (CFSP's
+    dimension adjustment; an N:M or int4 group spec after the structure needs it)."""
+    if multiple <= 1:
+        return counts
+    out = dict(counts)
+    for l in layers:
+        if l.kind != kind or l.groups != 1:
+            continue
+        kept = l.units - counts[l.key]
+        r = max(multiple, int(round(kept / multiple)) * multiple)
+        out[l.key] = max(0, l.units - min(r, l.units))
+    return out
+
+
 def choose(scores: Tensor, remove: int, groups: int = 1) -> Tensor:
     """Indices of the units kept (ascending) when the ``remove`` lowest-scoring go, in equal numbers
     from each of ``groups`` consecutive groups. Ties: the lower index goes first."""

@@ -51,12 +51,15 @@ class StructureOptions:
         heads: ``auto``, ``group`` or ``query``: the head unit of a GQA layer (module docstring).
         compensate: FLAP's bias compensation of removed channels.
         cfsp_a: CFSP's sigmoid slope over standardised block importance.
+        multiple: every MLP keeps a multiple of this many channels (0: as the spec after the
+            structure needs: M of N:M, the int4 group, the block width; else 1).
     """
 
     allocation: str = "uniform"
     heads: str = "auto"
     compensate: bool = False
     cfsp_a: float = option(1.0, gt=0)
+    multiple: int = option(0, min=0)
 
     def __post_init__(self) -> None:
         check(self, "structure")
@@ -254,6 +257,7 @@ def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Str
                 seed_i = layer_seed(seed, f"{prefix}.{i}.{k}")
                 scores[(i, k)] = crit.score(_view(blocks[i], lay, k, unit[i], obs.stats.get(name), seed_i), None)
         counts = allocate.global_counts(layers, ratio, scores)
+    counts = allocate.round_kept(counts, layers, "mlp", options.multiple)
 
     def shrink(i: int, block: nn.Module, stats: dict[str, Any]) -> None:
         lay = layout_of(block)
