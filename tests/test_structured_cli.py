@@ -79,3 +79,17 @@ def test_structured_bad_input(tmp_path, tiny_llama_dir, text_files, argv, messag
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_structured_recipe(tmp_path, capsys, tiny_llama_dir, text_files):
+    calib, ev = text_files
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_llama_dir}\nmethod: wanda-sp\nsparsity: heads@0.5\ncalib: {calib}\n"
+                      f"nsamples: 4\nseqlen: 32\nbaselines: [dense]\n"
+                      f"structure: {{allocation: global, heads: query, compensate: true}}\n")
+    js = tmp_path / "r.json"
+    code, stdout, err = run(capsys, "prune", "--recipe", recipe, "--json", js, "--quiet")
+    assert code == 0, err
+    s = json.loads(js.read_text())["runs"][1]["structure"]
+    assert (s["method"], s["allocation"], s["heads_unit"], s["compensate"]) == ("wanda-sp", "global", "query", True)
+    assert all(w["num_key_value_heads"] == 2 and w["num_attention_heads"] == 2 for w in s["widths"])
