@@ -92,7 +92,10 @@ def test_unit_criteria_hand_computed():
     var = x.var(dim=0, unbiased=True)  # [2, 0, 0, 2]
     f = get("flap").score(view, None)
     col = cons.pow(2).sum(0)  # [1, 5, 1, 10]
-    assert torch.allclose(f, torch.tensor([var[0] * col[0] + var[1] * col[1], var[2] * col[2] + var[3] * col[3]]))
+    s = var * col  # per channel; a unit of several channels sums their squares (FLAP's head score)
+    assert torch.allclose(f, torch.tensor([s[0] ** 2 + s[1] ** 2, s[2] ** 2 + s[3] ** 2]))
+    one = UnitView((prod.reshape(4, 1, 1)[:2],), cons[:, :2].reshape(2, 2, 1), _stats(x[:, :2]))
+    assert torch.allclose(get("flap").score(one, None), s[:2])  # single-channel units: the score itself
 
 
 def test_random_criterion_is_seeded():
