@@ -226,7 +226,18 @@ def test_2_4_int4_checkpoint_is_small(tmp_path, one_thread):
     fp32 = export.save(model, tmp_path / "fp32", code_values=False)
     r = prune(model, SparsitySpec.parse("2:4+int4"), "magnitude", progress=False)
     q = export.save(model, tmp_path / "q", masks=r.masks, quant=r.quant)
-    assert q.bytes / fp32.bytes < 0.12  # measured 0.115: norms, int8 embedding, header
+    assert q.bytes / fp32.bytes < 0.12  # norms, the embedding in int4 groups too, header
+    emb = r.quant["model.embed_tokens"]
+    assert emb.quant == SparsitySpec.parse("2:4+int4").quant  # int4 everywhere, as asked
+
+
+def test_embedding_follows_the_spec_grid():
+    from prunus.oneshot.pipeline import EMBEDDING_QUANT, embedding_quant
+
+    q4 = SparsitySpec.parse("2:4+int4g64").quant
+    assert embedding_quant(q4, 576) == q4
+    assert embedding_quant(q4, 100) == EMBEDDING_QUANT  # 100 is not a multiple of 64: int8 per row
+    assert embedding_quant(SparsitySpec.parse("int8").quant, 576) == EMBEDDING_QUANT
 
 
 def test_a_weight_off_its_codes_is_refused(tmp_path):

@@ -53,7 +53,8 @@ class PruneResult:
         masks: layer name -> bool keep mask (out, in), kept beside the weights.
         quant: with a ``spec.quant``, module fqn -> :class:`~prunus.core.quant.QuantizedWeight`
             whose ``dequantize()`` the module's weight now equals exactly: every target, and every
-            ``nn.Embedding`` outside the targets (int8 per row, see :func:`quantize_embeddings`).
+            ``nn.Embedding`` outside the targets (int8 per row, or the spec's int4 groups: see
+            :func:`quantize_embeddings`).
         layers: per-layer reports in module order.
         sparsity: achieved sparsity over all targeted weights.
         seconds: wall time of calibration plus pruning.
@@ -135,11 +136,21 @@ def _check(result_layers: list[LayerReport], spec: SparsitySpec, masks: dict[str
     return achieved
 
 
-EMBEDDING_QUANT = Quant(8)  # nn.Embedding tables outside the targets, with any spec.quant
+EMBEDDING_QUANT = Quant(8)  # nn.Embedding tables outside the targets, with an int8 spec (or a fallback)
 
 
-def quantize_embeddings(model: nn.Module, targets: Sequence[Target]) -> dict[str, QuantizedWeight]:
-    """Round every ``nn.Embedding`` table that is not a target to int8, one scale per row (token).
+def embedding_quant(quant: Optional[Quant], dim: int) -> Quant:
+    """The grid of an embedding table under a quant spec: the spec's own int4 groups when the table's
+    width divides into them (int4 everywhere, as llama.cpp's Q4 formats do), else int8 per row."""
+    if quant is not None and quant.bits == 4 and (quant.group is None or dim % quant.group == 0):
+        return quant
+    return EMBEDDING_QUANT
+
+
+def quantize_embeddings(model: nn.Module, targets: Sequence[Target],
+                        quant: Optional[Quant] = None) -> dict[str, QuantizedWeight]:
+    """Round every ``nn.Embedding`` table that is not a target to the spec's grid
+    (:func:`embedding_quant`: int8 with one scale per row (token), or the spec's int4 groups).
 
     With a quant spec the embedding would otherwise stay float and dominate a small model's
     checkpoint (a fifth of SmolLM2-135M); a tied ``lm_head`` shares the rounded table.
@@ -153,7 +164,7 @@ def quantize_embeddings(model: nn.Module, targets: Sequence[Target]) -> dict[str
                 seen.add(id(mod.weight))
                 w = mod.weight
                 qw = rtn(w.float(), torch.ones(w.shape, dtype=torch.bool, device=w.device),
-                         EMBEDDING_QUANT, fqn)
+                         embedding_quant(quant, w.shape[1]), fqn)
                 w.copy_(qw.dequantize().to(w.dtype))
                 out[fqn] = qw
     return out
@@ -283,6 +294,6 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     achieved = _check(layers, spec, masks, budget)
     if quant is not None:
         _check_quant(targets, masks, quantized, spec)
-        quantized.update(quantize_embeddings(model, targets))
+        quantized.update(quantize_embeddings(model, targets, quant))
     return PruneResult(spec, meth.name, ref.name if ref else None, masks, layers, achieved,
                        time.perf_counter() - t0, budget, label=plan.label, quant=quantized)
