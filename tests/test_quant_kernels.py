@@ -67,7 +67,8 @@ def test_all_pruned_gives_the_bias():
 
 
 def test_hand_computed_int8_row():
-    # one row, int8 per channel: max |w| = 2.54 -> scale 0.02; codes 127, -63, 0 (pruned), 25
+    # one row, int8 per channel: max |w| = 2.54 -> scale 0.02 (rounded up onto the float16 grid:
+    # 0.0200042724609375); codes 127, -63, 0 (pruned), 25
     w = torch.tensor([[2.54, -1.26, 0.5, 0.5]] * 1)
     keep = torch.tensor([[True, True, False, True]])
     qw = rtn(w.repeat(1, 4), keep.repeat(1, 4), parse_quant("int8"), "t")
@@ -75,7 +76,7 @@ def test_hand_computed_int8_row():
     lin = nn.Linear(16, 1, bias=False)
     lin.weight.data = qw.dequantize()
     x = torch.ones(1, 16)
-    want = 4 * 0.02 * (127 - 63 + 25)
+    want = 4 * 0.0200042724609375 * (127 - 63 + 25)
     for kernel in ("cpu_int8", "cpu_bitmap_int8", "torch_int"):
         if kernel.startswith("cpu_") and not compiled_available():
             continue

@@ -74,14 +74,29 @@ def grid_params(w: Tensor, keep: Tensor, quant: Quant) -> tuple[Tensor, Optional
     lo, hi = qrange(quant)
     if quant.symmetric:
         scale = w.abs().amax(dim=1) / hi
-        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+        return half_up(torch.where(scale > 0, scale, torch.ones_like(scale))), None
     big = torch.finfo(torch.float32).max
     wmax = torch.where(keep, w, -big).amax(dim=1).clamp(min=0)
     wmin = torch.where(keep, w, big).amin(dim=1).clamp(max=0)
     scale = (wmax - wmin) / hi
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = half_up(torch.where(scale > 0, scale, torch.ones_like(scale)))
     zero = torch.round(-wmin / scale).clamp(lo, hi)
     return scale, zero
+
+
+_HALF_TINY = float(torch.finfo(torch.float16).tiny)  # the smallest normal float16
+_HALF_MAX = float(torch.finfo(torch.float16).max)
+
+
+def half_up(scale: Tensor) -> Tensor:
+    """``scale`` rounded *up* onto the float16 grid (float32 result), so the checkpoint stores scales
+    in 2 bytes without loss, and no weight of the group falls outside the code range. Scales outside
+    float16's normal range stay as they are (the checkpoint then stores float32)."""
+    s16 = scale.to(torch.float16)
+    below = s16.float() < scale
+    s16 = torch.where(below, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    ok = (scale >= _HALF_TINY) & (scale <= _HALF_MAX) & torch.isfinite(s16)
+    return torch.where(ok, s16.float(), scale)
 
 
 def grid_values(w: Tensor, scale: Tensor, zero: Optional[Tensor], quant: Quant) -> Tensor:

@@ -8,7 +8,9 @@ For a weight ``W`` (key ``k``) quantized by :mod:`prunus.core.quant` (a
     k.__codes__   the kept weights' integer codes in row-major order: int8 (symmetric int8),
                   uint8 (asymmetric int8), or two int4 codes per byte (low nibble first; a
                   symmetric code is stored as its 4-bit two's complement)
-    k.__scales__  float32 (out, in / group), one scale per row and group
+    k.__scales__  float16 (out, in / group), one scale per row and group (float32 when a scale is
+                  not exactly a float16: the quantizers round scales up onto the float16 grid,
+                  :func:`prunus.core.quant.half_up`, so that happens only outside its range)
     k.__zeros__   uint8 (out, in / group) zero points (asymmetric only)
 
 The manifest entry has ``"encoding": "quant"``, ``"quant"`` (``int4g128z``), ``"masked"`` and
@@ -63,8 +65,10 @@ def encode_quant(qw: QuantizedWeight, masked: bool) -> dict[str, Tensor]:
     """The stored tensors of a quantized weight (suffix -> tensor)."""
     keep = qw.keep.cpu()
     codes = qw.codes.cpu()
+    scales = qw.scales.cpu().float().contiguous()
+    half = scales.to(torch.float16)
     parts = {CODES: pack_codes(codes[keep] if masked else codes.reshape(-1), qw.quant),
-             SCALES: qw.scales.cpu().float().contiguous()}
+             SCALES: half if torch.equal(half.float(), scales) else scales}
     if masked:
         parts[BITS] = pack(keep)
     if qw.zeros is not None:
@@ -102,4 +106,4 @@ def stored_bytes(shape: tuple[int, int], kept: int, quant: Quant, masked: bool) 
     ng = in_f // group_size(in_f, quant)
     codes = kept if quant.bits == 8 else (kept + 1) // 2
     bits = (int(math.prod(shape)) + 7) // 8 if masked else 0
-    return codes + bits + out_f * ng * (4 + (0 if quant.symmetric else 1))
+    return codes + bits + out_f * ng * (2 + (0 if quant.symmetric else 1))  # float16 scales
