@@ -209,6 +209,7 @@ def _load_heterogeneous(folder: Path, cls: Any, dtype: torch.dtype | None) -> nn
         raise CheckpointError(f"{folder} could not be loaded: {error_line(e)}") from None
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied |= set(getattr(model, "all_tied_weights_keys", None) or ())  # BertForMaskedLM's decoder
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
         bad = missing or list(result.unexpected_keys)
