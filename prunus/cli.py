@@ -272,6 +272,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_out_file(args.json)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, runtime="auto")  # as it runs: the stored kernel plan applied
+    from prunus.evaluate import uses_embeddings
+
+    if uses_embeddings(model):
+        from prunus.errors import ModelError
+
+        raise ModelError(f"{args.model} is an encoder, which has no perplexity: prunus prune scores it by "
+                         f"embedding similarity to its dense model")
     ids = data.tokenize(data.resolve_text(args.text), tok)
     windows = data.eval_windows(ids, args.seqlen, args.windows)
     model.to(args.device)

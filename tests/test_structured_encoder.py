@@ -353,3 +353,8 @@ def test_cli_encoder_with_a_remainder_spec_works_or_fails_in_one_line(tmp_path, 
         lines = err.strip().splitlines()
         assert lines[-1].startswith("prunus: error:") and what in lines[-1]
         assert "Traceback" not in err and stdout == ""
+
+
+def test_eval_of_an_encoder_says_it_has_no_perplexity(capsys, bert_dir, text_files):
+    code, stdout, err = run(capsys, "eval", bert_dir, "--text", text_files[1], "--seqlen", "32", "--quiet")
+    assert code == 2 and "is an encoder, which has no perplexity" in err and "Traceback" not in err
