@@ -310,9 +310,10 @@ def run(capsys, *argv):
 
 def test_cli_prunes_an_encoder_and_reports_embedding_similarity(tmp_path, capsys, bert_dir, text_files):
     calib_f, eval_f = text_files
-    js, out = tmp_path / "r.json", tmp_path / "out"
+    js, out, png = tmp_path / "r.json", tmp_path / "out", tmp_path / "p.png"
     code, stdout, err = run(capsys, "prune", bert_dir, "--method", "flap", "--sparsity", "heads@0.5+mlp@0.5",
-                            "--compensate", "--calib", calib_f, "--eval", eval_f, "--json", js, "--out", out, *FAST)
+                            "--compensate", "--calib", calib_f, "--eval", eval_f, "--json", js, "--out", out,
+                            "--plot", png, *FAST)
     assert code == 0, err
     head = stdout.splitlines()[0]
     assert "emb cos sim" in head and "ppl" not in head
@@ -327,7 +328,7 @@ def test_cli_prunes_an_encoder_and_reports_embedding_similarity(tmp_path, capsys
         assert f"{s:.4f}" in rows[label]
     assert all(x["perplexity"] is None for x in r["runs"])
     assert r["similarity"] == sims["flap+bias"] and r["settings"]["sentences"] == 16
-    assert "held-out sentences" in err
+    assert "held-out sentences" in err and png.stat().st_size > 1000
     loaded = prunus.load(out)
     assert type(loaded).__name__ == "BertModel"
     assert [layout_of(b).heads for b in loaded.encoder.layer] == [2, 2, 2]
