@@ -314,6 +314,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs else "-",
               "patterns": "all" if a.name == "uniform" else "all but N:M", "paper": a.paper}
              for a in sorted(budgets.load_all().values(), key=lambda a: a.name)]
+    from prunus.structured import load_all as load_structure
+    from prunus.structured.allocate import ALLOCATIONS
+
+    rows += [{"kind": "structure", "name": c.name, "needs": ", ".join(sorted(c.needs)) or "weights only",
+              "patterns": f"mlp@, heads@, blocks@ ({c.blocks})", "paper": c.paper}
+             for c in sorted(load_structure().values(), key=lambda c: c.name)]
     print(table(rows, (("kind", "kind"), ("name", "name"), ("needs", "needs"), ("patterns", "patterns"),
                        ("paper", "paper"))))
     from prunus.training import METHODS as TRAINING
@@ -321,7 +327,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("\nsparse training (prunus train / prunus.training):")
     print(table([{"name": m.name, "paper": getattr(m, "paper", "")} for m in
                  sorted(TRAINING.values(), key=lambda m: m.name)], (("name", "name"), ("paper", "paper"))))
-    print("\nsparsity specs: 0.5 | 50% | N:M (2:4, 4:8, 1:4) | RxC@ratio (4x4@0.5) | channel@ratio")
+    print("\nsparsity specs: 0.5 | 50% | N:M (2:4, 4:8, 1:4) | RxC@ratio (4x4@0.5) | channel@ratio, then +int8 | +int4")
+    print("structured specs (first): mlp@RATIO | heads@RATIO | blocks@N, joined by + (mlp@0.25+2:4); "
+          f"--structure-allocation {' | '.join(ALLOCATIONS)}, --compensate, --heads-unit auto | group | query")
     print("block steps: --step NAME (options steps.NAME.KEY=VALUE); --reconstruct N is --step reconstruct "
           "with N epochs")
     return 0

@@ -268,7 +268,7 @@ def _parse_structure_part(part: str, found: dict[str, float | int]) -> None:
     try:
         ratio = parse_ratio(value)
     except SpecError:
-        raise SpecError(f"invalid structure {part!r}: {kind}@ takes a fraction like 0.3 or 30%") from None
+        raise SpecError(f"invalid structure {part!r}: {kind}@ takes a fraction in [0, 1) like 0.3 or 30%") from None
     if ratio >= 1:
         raise SpecError(f"invalid structure {part!r}: removing every {kind} unit leaves nothing; use < 1")
     found[kind] = ratio

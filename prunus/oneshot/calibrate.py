@@ -203,7 +203,8 @@ def block_index(block_prefix: str, name: str) -> Optional[int]:
 def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], needs: frozenset[str],
                   on_layer: Optional[OnLayer], *, device: str | torch.device = "cpu",
                   batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
-                  desc: str = "calibrate", after_block: Optional[AfterBlock] = None) -> None:
+                  desc: str = "calibrate", after_block: Optional[AfterBlock] = None,
+                  dense_stream: bool = True) -> None:
     """Run ``windows`` (n, seqlen) through the model block by block, calling ``on_layer`` per target.
 
     Args:
@@ -221,6 +222,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             pruned-stream inputs and the dense block's outputs per chunk (a dense stream is kept
             for it); it may update the block (see :mod:`prunus.oneshot.steps.reconstruct`), whose outputs are
             then recomputed.
+        dense_stream: keep the dense stream for ``after_block`` (False: it gets None for the dense
+            outputs, and each block runs once less).
     """
     device = torch.device(device)
     prefix, blocks = find_blocks(model)
@@ -241,7 +244,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
     in_flight = len(chunks) == 1
     # the dense model's hidden states, per chunk, when a statistic compares against them
     want_inputs = bool(needs & DENSE_STATS) and on_layer is not None
-    dense = [c.hidden for c in chunks] if (want_inputs or after_block is not None) else None
+    dense = [c.hidden for c in chunks] if (want_inputs or (after_block is not None and dense_stream)) else None
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False)
     for i in bar:
         block = blocks[i].to(device)

@@ -311,4 +311,4 @@ def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Str
 
     run_blockwise(model, calib, cur.consumers(), needs, cur.record, device=device,
                   batch_size=batch_size, seed=seed, progress=progress, desc=f"{crit.name} structure",
-                  after_block=after)
+                  after_block=after, dense_stream=bool(steps))
