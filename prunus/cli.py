@@ -17,10 +17,12 @@ from prunus.errors import PrunusError
 
 
 def _add_prune(sub: Any) -> None:
-    p = sub.add_parser("prune", help="one-shot prune a causal LM and compare it with baselines",
-                       description="One-shot prune a causal LM, evaluate it beside dense, magnitude "
-                       "and random at the same sparsity, and optionally save it.")
-    p.add_argument("model", nargs="?", help="hub id, local folder, .gguf file, or smollm2-135m (bundled)")
+    p = sub.add_parser("prune", help="one-shot prune a causal LM or encoder and compare it with baselines",
+                       description="One-shot prune a causal LM (scored by perplexity) or an encoder (by "
+                       "embedding similarity to dense), evaluate it beside dense, magnitude and random "
+                       "at the same sparsity, and optionally save it.")
+    p.add_argument("model", nargs="?", help="hub id, local folder, .gguf file, or smollm2-135m / minilm "
+                                            "(bundled)")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. method_options.blocksize=64")
     p.add_argument("--recipe", help="YAML recipe; flags and overrides take precedence")
     p.add_argument("--method", help="method name(s), comma-separated: magnitude, random, wanda, sparsegpt, ...")
@@ -45,6 +47,7 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
     p.add_argument("--eval", help="evaluation text (same forms as --calib)")
     p.add_argument("--windows", type=int, help="evaluation windows (default 64)")
+    p.add_argument("--sentences", type=int, help="an encoder's held-out evaluation sentences (default 256)")
     p.add_argument("--include", help="comma-separated FQN globs of layers to prune (default *)")
     p.add_argument("--exclude", help="comma-separated FQN globs to keep dense (default lm_head, embeddings)")
     p.add_argument("--out", help="save the pruned model to this folder")
@@ -199,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PRUNE_KEYS = ("method", "sparsity", "allocation", "refine", "calib", "nsamples", "seqlen", "eval",
-               "windows", "include", "exclude", "out", "format", "overwrite", "json", "plot", "device",
-               "seed", "baselines", "eval_batch_size", "calib_batch_size")
+               "windows", "sentences", "include", "exclude", "out", "format", "overwrite", "json", "plot",
+               "device", "seed", "baselines", "eval_batch_size", "calib_batch_size")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -269,6 +272,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_out_file(args.json)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, runtime="auto")  # as it runs: the stored kernel plan applied
+    from prunus.evaluate import uses_embeddings
+
+    if uses_embeddings(model):
+        from prunus.errors import ModelError
+
+        raise ModelError(f"{args.model} is an encoder, which has no perplexity: prunus prune scores it by "
+                         f"embedding similarity to its dense model")
     ids = data.tokenize(data.resolve_text(args.text), tok)
     windows = data.eval_windows(ids, args.seqlen, args.windows)
     model.to(args.device)

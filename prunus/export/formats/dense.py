@@ -1,7 +1,8 @@
 """The dense format: an ordinary ``save_pretrained`` folder, plus masks and provenance.
 
-Any tool that reads transformers checkpoints loads it (``AutoModelForCausalLM.from_pretrained``);
-the zeros are simply stored. prunus adds two files that other tools ignore::
+Any tool that reads transformers checkpoints loads it (``AutoModelForCausalLM.from_pretrained``, or
+the class its ``config.json`` names, such as ``BertModel``); the zeros are simply stored. prunus adds
+two files that other tools ignore::
 
     prunus.json          metadata, the masks' layout, and a SHA-256 of every ``*.safetensors`` file
     masks.safetensors    each mask as packed bits (uint8), keyed by its weight's state-dict key
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from prunus.core.units import apply_layer_widths, find_blocks
 from prunus.errors import CheckpointError
+from prunus.export import arch
 from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_checkpoint_path, error_line,
                                     folder_bytes, read_manifest, sha256_file, with_provenance,
                                     write_manifest)
@@ -150,9 +152,12 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
     folder = check_checkpoint_path(path)
     manifest = read_manifest(folder)
     _verify(folder, manifest)
-    cls = getattr(transformers, str(manifest.get("architecture") or ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModelForCausalLM
+    cls = arch.named_class(str(manifest.get("architecture") or ""))
+    if cls is None:  # a plain folder: the class its config.json names (BertModel), else a causal LM
+        try:
+            cls = arch.model_class(transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        except Exception as e:  # transformers raises many types (config validation among them)
+            raise CheckpointError(f"{folder / 'config.json'} cannot be used: {error_line(e)}") from None
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -190,8 +195,8 @@ def _load_heterogeneous(folder: Path, cls: Any, dtype: torch.dtype | None) -> nn
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         with quiet_loading():
-            model = cls.from_config(config, dtype=dtype or torch.float32) \
-                if cls is transformers.AutoModelForCausalLM else cls._from_config(config, dtype=dtype or torch.float32)
+            model = cls.from_config(config, dtype=dtype or torch.float32) if hasattr(cls, "from_config") \
+                else cls._from_config(config, dtype=dtype or torch.float32)
         apply_layer_widths(model, find_blocks(model)[1], config)
         state: dict[str, Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):
@@ -204,6 +209,7 @@ def _load_heterogeneous(folder: Path, cls: Any, dtype: torch.dtype | None) -> nn
         raise CheckpointError(f"{folder} could not be loaded: {error_line(e)}") from None
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied |= set(getattr(model, "all_tied_weights_keys", None) or ())  # BertForMaskedLM's decoder
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
         bad = missing or list(result.unexpected_keys)
