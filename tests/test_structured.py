@@ -19,11 +19,11 @@ from prunus.structured.registry import UnitView, get
 from conftest import make_tiny_llama
 
 
-def tiny(layers: int = 3, heads: int = 4, kv: int = 2, inter: int = 64, seed: int = 0):
+def tiny(layers: int = 3, heads: int = 4, kv: int = 2, inter: int = 64, seed: int = 0, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=8, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
@@ -303,12 +303,11 @@ def test_uniform_widths_load_in_plain_transformers(tmp_path):
         assert torch.allclose(prunus.load(tmp_path / "c")(IDS).logits, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["compressed", "dense"])
-def test_per_layer_widths_load_back_with_prunus(tmp_path, fmt):
-    from transformers import AutoModelForCausalLM
-
+def test_per_layer_widths_load_back_with_prunus(tmp_path):
     import prunus
+    from prunus.errors import CheckpointError
 
+    fmt = "compressed"
     model = tiny(layers=4)
     res = prune_structure(model, Structure(mlp=0.4), "flap", IDS, options=StructureOptions(allocation="cfsp"),
                           progress=False)
@@ -321,9 +320,10 @@ def test_per_layer_widths_load_back_with_prunus(tmp_path, fmt):
     assert [b.mlp.down_proj.in_features for b in find_blocks(back)[1]] == [w["intermediate_size"] for w in res.widths]
     with torch.no_grad():
         assert torch.allclose(back(IDS).logits, want, atol=1e-5)
-    if fmt == "dense":  # stock Llama ignores per_layer_config: it refuses the shapes, loudly
-        with pytest.raises(Exception, match="(?i)mismatch|size"):
-            AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    # stock Llama ignores per_layer_config: a plain transformers folder of it would not load
+    with pytest.raises(CheckpointError, match="per_layer_config.*format='compressed'"):
+        prunus.save(model, tmp_path / "d", format="dense")
+    assert not (tmp_path / "d").exists()
 
 
 def test_structure_then_two_four_on_what_remains():
@@ -351,3 +351,15 @@ def test_tiny_llama_fixture_architecture_is_supported():
     model = make_tiny_llama(vocab_size=64)
     lay = layout_of(find_blocks(model)[1][0])
     assert (lay.heads, lay.kv_heads, lay.width, lay.family) == (4, 2, 128, "decoder")
+
+
+def test_rounding_of_heads_is_stated():
+    model = tiny(heads=6, kv=3, hidden=48)  # 3 groups of 2: heads@0.25 -> a whole group (1/3)
+    res = prune_structure(model, Structure(heads=0.25), "magnitude", progress=False)
+    assert len(res.notes) == 1 and "heads@0.25: removed 0.333" in res.notes[0] and "whole group" in res.notes[0]
+    model = tiny(heads=4, kv=2)
+    res = prune_structure(model, Structure(heads=0.9), "magnitude", options=StructureOptions(heads="query"),
+                          progress=False)  # each group keeps one of its two query heads
+    assert all(w["num_attention_heads"] == 2 for w in res.widths)
+    assert "removed 0.500" in res.notes[0] and "at least one" in res.notes[0]
+    assert prune_structure(tiny(), Structure(heads=0.5), "magnitude", progress=False).notes == []

@@ -69,6 +69,8 @@ def test_structure_then_nm_with_reconstruction(tmp_path, capsys, tiny_llama_dir,
     (["--method", "wanda", "--sparsity", "mlp@0.3", "--structure-method", "sparsegpt"], "unknown structure method"),
     (["--method", "wanda", "--sparsity", "mlp@1.0"], "leaves nothing"),
     (["--method", "wanda", "--sparsity", "blocks@2"], "all 2 blocks"),
+    (["--method", "flap", "--sparsity", "mlp@0.3", "--structure-allocation", "cfsp", "--format", "dense"],
+     "--format compressed"),
 ])
 def test_structured_bad_input(tmp_path, tiny_llama_dir, text_files, argv, message):
     calib, ev = text_files

@@ -188,7 +188,8 @@ def test_half_heads_half_mlp_shapes_run_and_round_trip(tmp_path, bert, batch, ca
                                                      (3 * 1056 + 1056 + 128 + 2112 + 2080))
     out = hidden(bert, batch)
     assert out.shape == (3, batch[0].shape[1], HIDDEN) and torch.isfinite(out).all()
-    for fmt in ("compressed", "dense"):
+    _dense_refused(bert, tmp_path)
+    for fmt in ("compressed",):
         prunus.save(bert, tmp_path / fmt, format=fmt)
         loaded = prunus.load(tmp_path / fmt)
         assert type(loaded).__name__ == "BertModel"
@@ -202,9 +203,9 @@ def test_blocks_removed_from_an_encoder_round_trip(tmp_path, bert, batch, calib)
     assert bert.config.num_hidden_layers == 2
     assert [b.attention.self.layer_idx for b in bert.encoder.layer] == [0, 1]
     out = hidden(bert, batch)
-    for fmt in ("compressed", "dense"):
-        prunus.save(bert, tmp_path / fmt, format=fmt)
-        assert torch.equal(hidden(prunus.load(tmp_path / fmt), batch), out)
+    _dense_refused(bert, tmp_path)
+    prunus.save(bert, tmp_path / "compressed")
+    assert torch.equal(hidden(prunus.load(tmp_path / "compressed"), batch), out)
 
 
 def test_masked_lm_prunes_and_round_trips(tmp_path, bert_tok, batch, calib):
@@ -216,13 +217,33 @@ def test_masked_lm_prunes_and_round_trips(tmp_path, bert_tok, batch, calib):
     with torch.no_grad():
         logits = mlm(input_ids=ids, attention_mask=mask).logits
     assert logits.shape == (3, ids.shape[1], len(bert_tok))
-    for fmt in ("compressed", "dense"):
+    _dense_refused(mlm, tmp_path)
+    for fmt in ("compressed",):
         prunus.save(mlm, tmp_path / fmt, format=fmt)
         loaded = prunus.load(tmp_path / fmt)
         assert type(loaded).__name__ == "BertForMaskedLM"
         assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def _dense_refused(model, tmp_path):
+    """Removed BERT heads are per-layer entries stock transformers ignores: no plain folder."""
+    from prunus.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="per_layer_config"):
+        prunus.save(model, tmp_path / "plain", format="dense")
+    assert not (tmp_path / "plain").exists()
+
+
+def test_ffn_only_encoder_saves_as_a_plain_folder(tmp_path, bert, batch, calib):
+    from transformers import AutoModel
+
+    prune_structure(bert, Structure(mlp=0.5), "flap", calib, progress=False)
+    out = hidden(bert, batch)
+    prunus.save(bert, tmp_path / "d", format="dense")
+    plain = AutoModel.from_pretrained(tmp_path / "d").eval()  # uniform FFN width: no prunus needed
+    assert torch.allclose(hidden(plain, batch), out, atol=1e-5)
 
 
 def test_a_plain_bert_folder_loads_as_a_bert_model(tmp_path, bert, bert_tok):

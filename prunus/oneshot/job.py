@@ -181,6 +181,12 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         raise SpecError(f"unknown format {fmt!r}; choose {' or '.join(format_names())}")
     if d.get("out") and (len(methods) > 1 or len(specs) > 1):
         raise SpecError("--out saves one model: give a single --method and --sparsity")
+    if d.get("out") and fmt == "dense" and any(s.structure is not None for s in specs) and \
+            structure_options.allocation != "uniform":
+        raise SpecError(f"--format dense is a plain transformers folder, and --structure-allocation "
+                        f"{structure_options.allocation} gives layers of different widths, which stock "
+                        f"transformers ignores (it builds every layer at the global width): use --format "
+                        f"compressed (prunus.load rebuilds them) or --structure-allocation uniform")
     for k in ("include", "exclude"):
         if k in d:
             d[k] = tuple(_as_list(d[k]))

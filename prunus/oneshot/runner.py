@@ -92,6 +92,11 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     if calib is not None:
         log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens from {job.calib}")
 
+    if job.out and job.format == "dense":
+        from prunus.structured.run import check_dense_export
+
+        for spec in job.specs:
+            check_dense_export(model, spec)  # before any work: BERT heads are per-layer entries
     targets = select(model, job.include, job.exclude)
     n_runs = len(job.specs) * (len(job.methods) + sum(b in job.baselines and b not in job.methods
                                                       for b in ("magnitude", "random")))
@@ -143,6 +148,8 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                 res = prune_targets(model, targets, plan, calib, device=job.device,
                                     batch_size=job.calib_batch_size, seed=job.seed, progress=job.progress)
             label = res.label
+            for note in (res.structure.notes if res.structure is not None and role == "method" else ()):
+                log(f"note: {note}")
             scores = quality.score(net, f"{label} {spec}")
             rows.append(_row(label, role, spec, res, scores, net))
             log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"

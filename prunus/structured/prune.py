@@ -92,6 +92,7 @@ class StructureResult:
     seconds: float
     steps: tuple[str, ...] = ()
     block_scores: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # where rounding moved a fraction from the spec
 
     @property
     def removed_fraction(self) -> float:
@@ -227,12 +228,36 @@ def prune_structure(model: nn.Module, structure: Structure, method: str = "flap"
         _drop_blocks(blocks, removed)
     kept = [i for i in range(len(layouts)) if i not in removed]  # original index of each block now
 
+    notes: list[str] = []
     if widths_wanted:
-        _widths(model, prefix, blocks, structure, crit, options, steps, needs, calib, obs, kept,
-                device=device, batch_size=batch_size, seed=seed, progress=progress)
+        notes = _widths(model, prefix, blocks, structure, crit, options, steps, needs, calib, obs, kept,
+                        device=device, batch_size=batch_size, seed=seed, progress=progress)
     widths = record_structure(model, blocks, removed, layouts[0])
     return StructureResult(structure, method, options, removed, widths, before, _block_params(blocks),
-                           time.perf_counter() - t0, tuple(s.name for s in steps), block_scores)
+                           time.perf_counter() - t0, tuple(s.name for s in steps), block_scores, notes)
+
+
+def _notes(layers: Sequence[allocate.LayerUnits], counts: dict, ratio: dict[str, float],
+           unit: dict[int, str], lays: Sequence[Layout]) -> list[str]:
+    """One line per kind whose achieved fraction differs from the spec's, saying why."""
+    out = []
+    for kind in ("heads", "mlp"):
+        mine = [l for l in layers if l.kind == kind]
+        if not mine:
+            continue
+        got = sum(counts[l.key] for l in mine) / sum(l.units for l in mine)
+        if abs(got - ratio[kind]) < 1e-9:
+            continue
+        if kind == "heads":
+            lay, u = lays[mine[0].block], unit[mine[0].block]
+            why = (f"{lay.heads} query heads in {lay.kv_heads} KV groups go a whole group at a time "
+                   f"(--heads-unit group)" if u == "group" else
+                   f"{lay.heads} query heads go in equal numbers from each of {lay.kv_heads} KV groups, "
+                   f"each keeping at least one (--heads-unit query)")
+        else:
+            why = "whole channels, widths rounded to the multiple the spec after the structure needs"
+        out.append(f"{kind}@{ratio[kind]:g}: removed {got:.3f} of the {kind} units: {why}")
+    return out
 
 
 def _drop_blocks(blocks: nn.ModuleList, removed: Sequence[int]) -> None:
@@ -247,7 +272,7 @@ def _drop_blocks(blocks: nn.ModuleList, removed: Sequence[int]) -> None:
 def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Structure, crit: UnitCriterion,
             options: StructureOptions, steps: Sequence[StepRun], needs: frozenset[str],
             calib: Optional[Tensor], obs: _Pass, kept: list[int], *, device: Any, batch_size: Any,
-            seed: int, progress: bool) -> None:
+            seed: int, progress: bool) -> list[str]:
     kinds = [k for k, r in (("heads", structure.heads), ("mlp", structure.mlp)) if r]
     ratio = {"mlp": structure.mlp, "heads": structure.heads}
     lays = [layout_of(b) for b in blocks]
@@ -266,6 +291,7 @@ def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Str
                 scores[(i, k)] = crit.score(_view(blocks[i], lay, k, unit[i], obs.stats.get(name), seed_i), None)
         counts = allocate.global_counts(layers, ratio, scores)
     counts = allocate.round_kept(counts, layers, "mlp", options.multiple)
+    notes = _notes(layers, counts, ratio, unit, lays)
 
     def shrink(i: int, block: nn.Module, stats: dict[str, Any]) -> None:
         lay = layout_of(block)
@@ -297,7 +323,7 @@ def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Str
     if not calibrated:
         for i, b in enumerate(blocks):
             shrink(i, b, {})
-        return
+        return notes
     cur = _Pass(model, prefix, blocks, needs)
 
     def after(i: int, block: nn.Module, mine: Sequence[Target], inputs: Any, dense: Any) -> None:
@@ -312,3 +338,4 @@ def _widths(model: nn.Module, prefix: str, blocks: nn.ModuleList, structure: Str
     run_blockwise(model, calib, cur.consumers(), needs, cur.record, device=device,
                   batch_size=batch_size, seed=seed, progress=progress, desc=f"{crit.name} structure",
                   after_block=after, dense_stream=bool(steps))
+    return notes

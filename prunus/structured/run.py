@@ -103,6 +103,19 @@ def prune_with_structure(model: nn.Module, spec: SparsitySpec, structure_method:
     return res
 
 
+def check_dense_export(model: nn.Module, spec: SparsitySpec) -> None:
+    """A plain transformers folder cannot hold an encoder without some of its heads: BERT derives the
+    head size from the head count, so removed heads are per-layer entries it ignores."""
+    from prunus.core.units import find_blocks, layout_of
+
+    if spec.structure is None or not spec.structure.heads:
+        return
+    if layout_of(find_blocks(model)[1][0]).family == "encoder":
+        raise SpecError("--format dense is a plain transformers folder, and an encoder without some of its "
+                        "heads is not one (BERT derives the head size from the head count, so the new counts "
+                        "are per-layer entries it ignores): use --format compressed (prunus.load rebuilds it)")
+
+
 def structure_summary(res: Any) -> Optional[dict[str, Any]]:
     """JSON-ready facts about the structure a result removed (None without one)."""
     s = getattr(res, "structure", None)
@@ -112,4 +125,4 @@ def structure_summary(res: Any) -> Optional[dict[str, Any]]:
             "compensate": s.options.compensate, "heads_unit": s.options.heads,
             "removed_blocks": s.removed_blocks, "block_params_before": s.params_before,
             "block_params_after": s.params_after, "removed_fraction": round(s.removed_fraction, 6),
-            "uniform": s.uniform, "widths": s.widths, "seconds": round(s.seconds, 3)}
+            "uniform": s.uniform, "widths": s.widths, "seconds": round(s.seconds, 3), "notes": s.notes}

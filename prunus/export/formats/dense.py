@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prunus.core.units import apply_layer_widths, find_blocks
+from prunus.core.units import layer_widths
 from prunus.errors import CheckpointError
 from prunus.export import arch
 from prunus.export.manifest import (FORMAT_VERSION, WEIGHTS, ExportInfo, check_checkpoint_path, error_line,
@@ -98,6 +98,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
             f"the dense format needs a transformers model (with save_pretrained), got "
             f"{type(model).__name__}; use format='compressed' for other modules"
         )
+    if layer_widths(model.config):
+        raise CheckpointError(
+            "this model's layers have different widths (structured pruning, recorded in the config's "
+            "per_layer_config), which stock transformers ignores: it builds every layer at the global "
+            "width, so a plain save_pretrained folder would not load; save it with format='compressed' "
+            "(--format compressed; prunus.load rebuilds the layers), or prune with uniform widths "
+            "(--structure-allocation uniform; for BERT, no heads@)")
     state, tied = unique_state(model)
     key_masks = resolve_masks(model, state, tied, masks)
     meta = with_provenance(metadata, model)
@@ -161,8 +168,6 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if _heterogeneous(folder):
-        return _load_heterogeneous(folder, cls, dtype).to(torch.device(device)).eval()
     try:
         with quiet_loading():
             model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
@@ -175,48 +180,6 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{folder} lacks {len(missing)} tensor(s) the model needs "
                               f"({', '.join(missing[:3])}{more}); restore the files or re-export")
     return model.to(torch.device(device)).eval()
-
-
-def _heterogeneous(folder: Path) -> bool:
-    import json
-
-    try:
-        return bool(json.loads((folder / "config.json").read_text()).get("per_layer_config"))
-    except (OSError, ValueError):
-        return False
-
-
-def _load_heterogeneous(folder: Path, cls: Any, dtype: torch.dtype | None) -> nn.Module:
-    """A folder whose layers have different widths (structured pruning): transformers builds every
-    layer at the global width, so build, resize to ``per_layer_config``, then load every tensor."""
-    import transformers
-    from safetensors.torch import load_file
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        with quiet_loading():
-            model = cls.from_config(config, dtype=dtype or torch.float32) if hasattr(cls, "from_config") \
-                else cls._from_config(config, dtype=dtype or torch.float32)
-        apply_layer_widths(model, find_blocks(model)[1], config)
-        state: dict[str, Tensor] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            if f.name != MASKS_FILE:
-                state.update(load_file(str(f)))
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except Exception as e:  # transformers raises many types (config validation among them)
-        raise CheckpointError(f"{folder} could not be loaded: {error_line(e)}") from None
-    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} \
-        if getattr(model.config, "tie_word_embeddings", False) else set()
-    tied |= set(getattr(model, "all_tied_weights_keys", None) or ())  # BertForMaskedLM's decoder
-    missing = sorted(set(result.missing_keys) - tied)
-    if missing or result.unexpected_keys:
-        bad = missing or list(result.unexpected_keys)
-        raise CheckpointError(f"{folder}: {len(bad)} tensor(s) do not match the model ({bad[0]}); "
-                              f"restore the files or re-export")
-    model.tie_weights()
-    return model
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, Tensor]:
