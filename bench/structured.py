@@ -19,7 +19,7 @@ model), not from hard-coded numbers, by these rules (:func:`plan_cells`):
   target; a target that heads alone miss by more than 25% of itself (30%, 50%: at most 2 of 3
   groups, 16.7%, can go) is skipped and says so in the table;
 * ``blocks``: ``round(target * blocks)`` whole blocks;
-* ``mix`` (the rule, not a search): heads take the target's share of the attention, rounded half
+* ``mix`` (a rule, not a search): heads take the target's share of the attention, rounded half
   up to whole KV groups and kept between one group and all but one; MLP channels (same rounding
   as ``mlp``) remove what is left of the target. E.g. 30%: ``heads@1/3`` (8.3%) + ``mlp@0.29``.
 
@@ -32,21 +32,31 @@ Per row: the removed fraction of block parameters that ``prunus prune --json`` r
 ones); perplexity (``prunus prune``'s, over the first ``--windows`` windows of ``--eval``); size on
 disk; batch-1 decode tokens/s and the prefill time of a ``--prompt-tokens`` prompt at
 ``--threads`` threads (:func:`prunus.kernels.timing.time_generate`, median of 3, each checkpoint in
-its own process, dense timed first in the same run); and, for uniform widths, the same model on
-llama.cpp: converted by ``bench/to_gguf.py`` (F32), quantized to ``--llama-formats`` with
+its own process, dense timed first in the same run); and, for uniform widths and the variants of
+``--llama-variants`` (default ``flap`` and ``flap+bias+rec``), the same model on llama.cpp: converted by ``bench/to_gguf.py`` (F32), quantized to ``--llama-formats`` with
 ``llama_model_quantize`` and measured by ``bench/peer_llamacpp.py`` on the very same evaluation
 windows, both in the llama.cpp venv (``bench/setup_llamacpp.sh``). Dense llama.cpp rows come from
 the same converter on the unpruned model. Structured checkpoints are plain dense folders timed as
 ``nn.Linear`` models; SparseGPT checkpoints are exported with ``prunus export --runtime auto
 --tokens 1`` (a sparse kernel only where measured faster than dense) and timed as ``prunus.load``
-runs them, kernels in place.
+runs them, kernels in place (``--sparsegpt-runtime dense``: as a masked dense model). A SparseGPT
+row is run per group of the target's achieved fractions that lie within ``--sparsegpt-tol`` (1
+point) of each other, at the group's mean.
 
     .venv/bin/python bench/structured.py --json runs/structured.json --plot runs/structured.png
     .venv/bin/python bench/structured.py --quick                     # smoke: one target, 4 windows
     .venv/bin/python bench/structured.py --only '0.3/mlp/*,0.3/sparsegpt' --no-llamacpp
 
-Checkpoints and llama.cpp results are cached in ``--work`` (default ``runs/structured-work``), in a
-subfolder per calibration/evaluation setting, so a rerun only re-times; timings are never cached.
+Checkpoints are cached in ``--work`` (default ``runs/structured-work``), in a subfolder per
+calibration/evaluation setting, so a rerun only measures again; timings are never reused (llama.cpp
+results only with ``--reuse-llamacpp``). Every timing row records the 1-minute load average: on a
+shared machine another process skews decode speed by several times, and the dense model is timed
+again at the end as a drift check.
+
+Duration (2 cores): ``--quick`` about 10-15 min on a quiet machine (34 min at load 5); the full
+run about 7 h on a quiet machine, mostly the 20 reconstruction runs (~9 min each) and llama.cpp's
+perplexity on 25 checkpoints x 2 formats (~100 s each). Shorter: ``--variants flap,flap+bias,
+flap+bias+rec`` (-1.5 h), ``--llama-variants flap`` (-0.8 h).
 Output: a markdown table, JSON rows (``--json``, rewritten atomically after every row) and a plot of
 perplexity against parameters and against decode speed (``--plot``).
 """
@@ -246,11 +256,16 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
     prompt = data.eval_windows(ids, a.seqlen, 1)[0:1, : a.prompt_tokens]
     with torch.inference_mode():
         speed = time_generate(model, prompt, a.new_tokens, repeats=3)
+    try:
+        load = round(os.getloadavg()[0], 2)  # others on the machine skew the timing: recorded with it
+    except OSError:
+        load = None
     path = Path(job["path"])
     return {"decode_tok_s": round(speed["decode_tok_s"], 2), "prefill_ms": round(speed["prefill_s"] * 1e3, 1),
             "bytes": folder_bytes(path) if path.is_dir() else None,
             "kernels": ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "all dense",
-            "timing_peak_rss_mb": round(peak_rss_mb(), 1), "load_s": round(load_s, 1), "threads": a.threads}
+            "timing_peak_rss_mb": round(peak_rss_mb(), 1), "load_s": round(load_s, 1), "threads": a.threads,
+            "load_avg_1m": load}
 
 
 # ------------------------------------------------------------------ the parent
@@ -308,7 +323,7 @@ class Bench:
         """llama.cpp rows of a uniform-width folder: {format: {decode_tok_s, prefill_ms, ppl, bytes}}."""
         a = self.a
         out = self.wd / f"llama-{name}.json"
-        if out.is_file() and not a.fresh_llamacpp:
+        if out.is_file() and a.reuse_llamacpp:
             doc = json.loads(out.read_text())
         else:
             gdir = self.wd / "gguf"
@@ -329,7 +344,7 @@ class Bench:
             doc = json.loads(out.read_text())
             doc["convert_s"], doc["peer_s"] = round(conv_s, 1), round(peer_s, 1)
             write_json(doc, str(out))
-        res: dict[str, Any] = {}
+        res: dict[str, Any] = {"wall_s": round(doc.get("convert_s", 0) + doc.get("peer_s", 0), 1)}
         for x in doc["rows"]:
             res[x["format"]] = {k: x.get(k) for k in ("decode_tok_s", "prefill_ms", "ppl", "bytes", "peak_rss_mb")}
         return res
@@ -402,15 +417,16 @@ class Bench:
             rows.append(row)
         return rows
 
-    def run_cell(self, cell: dict[str, Any]) -> list[float]:
-        """The cell's variants; returns the achieved fractions of its method rows."""
+    def run_cell(self, cell: dict[str, Any]) -> Optional[float]:
+        """The cell's variants; returns the removed fraction of block parameters of its plain variant
+        (as achieved when it ran, else as planned: the same, :func:`plan_cells` predicts prunus's count)."""
         a = self.a
         if cell["spec"] is None:
             if self.wanted(cell["name"] + "/flap"):
                 self.add({**cell, "method": "-", "role": "skipped"})
-            return []
+            return None
         variants = [v for v in a.variants if not (cell["kind"] == "blocks" and v != "flap")]
-        fracs = []
+        frac = cell["expected"]
         for v in variants:
             if not self.wanted(f"{cell['name']}/{v}"):
                 continue
@@ -421,11 +437,12 @@ class Bench:
                 if row["role"] == "method":
                     row.update(self.time_ck(row["checkpoint"]))
                     self.speedup(row)
-                    fracs.append(row["achieved"])
+                    if v == "flap" and row.get("achieved") is not None:
+                        frac = row["achieved"]
                     if self.llama_ok and row.get("uniform") and (v in a.llama_variants or "all" in a.llama_variants):
                         row["llamacpp"] = self.llamacpp(Path(row["checkpoint"]), slug(f"{cell['spec']}-{v}"))
                 self.add(row)
-        return fracs
+        return frac
 
     def run_sparsegpt(self, target: float, group: list[float]) -> None:
         a = self.a
@@ -489,10 +506,14 @@ class Bench:
         for t in a.targets:
             fracs: list[float] = []
             for c in (c for c in cells if c["target"] == t):
-                fracs += self.run_cell(c)
+                f = self.run_cell(c)
+                if f is not None:
+                    fracs.append(f)
             if not a.no_sparsegpt and self.wanted(f"{t:g}/sparsegpt") and fracs:
                 for g in sparsegpt_fractions(fracs, a.sparsegpt_tol):
                     self.run_sparsegpt(t, g)
+        if self.dense is not None and len(self.doc["rows"]) > 1:  # drift check: dense once more
+            self.doc["dense_retimed"] = self.time_ck(a.model)
         self.doc["wall_s"] = round(time.perf_counter() - t0, 1)
         if a.json:
             write_json(self.doc, a.json)
@@ -584,7 +605,15 @@ def table(doc: dict[str, Any], formats: list[str]) -> str:
              "same count removed as individual weights (params M: the non-zero ones).",
              "magnitude / random rows: the same spec and shapes as the flap row above them (same speed).",
              "blocks@ rows have only the plain variant: bias compensation and reconstruction act on widths.",
-             "flap+rec: --reconstruct N epochs; flap+bias: --compensate (FLAP's bias compensation)."]
+             "flap+rec: --reconstruct N epochs; flap+bias: --compensate (FLAP's bias compensation; the biases it "
+             "adds are parameters too, so +bias rows remove slightly less).",
+             "llama.cpp: the checkpoint converted by bench/to_gguf.py, then llama_model_quantize; empty for the "
+             "variants not in --llama-variants."]
+    d, e = doc["rows"][0] if doc["rows"] else {}, doc.get("dense_retimed") or {}
+    if d.get("decode_tok_s") and e.get("decode_tok_s"):
+        notes.append(f"dense timed first: {d['decode_tok_s']} tok/s, prefill {d.get('prefill_ms')} ms "
+                     f"(load {d.get('load_avg_1m')}); again at the end: {e['decode_tok_s']} tok/s, prefill "
+                     f"{e.get('prefill_ms')} ms (load {e.get('load_avg_1m')}). Each row's load average is in the JSON.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
@@ -609,7 +638,8 @@ def plot(doc: dict[str, Any], path: str) -> None:
             ax.scatter(x, r["ppl"], c=colors.get(r["kind"], "gray"), marker=markers.get(r.get("method"), "o"),
                        s=40)
             if r.get("method") in ("flap", "sparsegpt", "dense"):
-                ax.annotate(f"{r['spec']}" if r["kind"] != "dense" else "dense", (x, r["ppl"]), fontsize=6,
+                text = {"dense": "dense", "sparsegpt": f"sparsegpt {r['spec']}"}.get(r["kind"], r["spec"])
+                ax.annotate(text, (x, r["ppl"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity (log)")
@@ -676,9 +706,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--llama-formats", default="Q8_0,F16", help="llama.cpp formats (default Q8_0,F16)")
-    ap.add_argument("--llama-variants", type=_names((*VARIANTS, "all")), default=["flap"],
-                    help="variants whose checkpoints also run on llama.cpp (default flap; 'all')")
-    ap.add_argument("--fresh-llamacpp", action="store_true", help="re-measure cached llama.cpp results")
+    ap.add_argument("--llama-variants", type=_names((*VARIANTS, "all")), default=["flap", "flap+bias+rec"],
+                    help="variants whose checkpoints also run on llama.cpp (default flap,flap+bias+rec; 'all')")
+    ap.add_argument("--reuse-llamacpp", action="store_true",
+                    help="reuse the llama.cpp results of an earlier run in --work (their timings are then "
+                         "not from this run); by default every llama.cpp row is measured again")
     ap.add_argument("--keep-gguf", action="store_true", help="keep the converted GGUF files")
     ap.add_argument("--only", help="comma-separated globs over row names: dense, 0.3/mlp/flap+bias, "
                                    "0.3/sparsegpt, '0.3/*', '*/heads/*'")

@@ -81,7 +81,7 @@ def test_sparsegpt_groups_span_at_most_tol():
                                                                                [0.3]]
 
 
-@pytest.mark.parametrize("structure", ["mlp@0.25", "blocks@1"])
+@pytest.mark.parametrize("structure", ["mlp@0.25", "blocks@1", "heads@0.5"])
 def test_to_gguf_round_trips_through_transformers(tmp_path, structure):
     gguf = pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
