@@ -21,10 +21,18 @@ off). For each format it measures decode speed, prefill time, perplexity, file s
   :func:`peak_rss_mb`) after loading that format and running the speed test, before the
   perplexity pass.
 
+* ``--source FILE.gguf`` measures that GGUF instead of the bundled one (a SmolLM2-shaped model with
+  SmolLM2's tokenizer, e.g. a structurally pruned model converted by ``bench/to_gguf.py``):
+  ``--source-format`` (default ``F32``) names the type the file holds, the format used as is; the
+  other formats are made from it with ``llama_model_quantize`` and cached in ``--work`` as
+  ``<file stem>.<format>.gguf`` (remade when older than the source).
+
 Usage::
 
     .venv-llamacpp/bin/python bench/peer_llamacpp.py --formats Q8_0,Q4_1,F16 --threads 2 \\
         --windows 64 --seqlen 512 --eval book:pride --json out.json
+    .venv-llamacpp/bin/python bench/peer_llamacpp.py --source pruned.F32.gguf --formats F32,Q8_0 \\
+        --work runs/gguf --json pruned.json
 
 Prints one JSON line per format and writes ``{"runtime": "llama.cpp <version>", "rows": [...]}``
 to ``--json`` (atomically); each row has ``format, bytes, decode_tok_s, prefill_ms, ppl, windows,
@@ -125,13 +133,16 @@ def prunus_windows(source: str, seqlen: int, windows: int) -> np.ndarray:
     return ids.numpy().astype(np.int64)
 
 
-def convert(src: Path, fmt: str, work: Path, threads: int) -> Path:
-    """``src`` in format ``fmt``: the bundled file itself for Q4_1, else a cached conversion."""
+def convert(src: Path, fmt: str, work: Path, threads: int, as_is: str = "Q4_1") -> Path:
+    """``src`` in format ``fmt``: the file itself for ``as_is`` (the type it holds: Q4_1 for the
+    bundled file), else a cached conversion (remade when older than ``src``)."""
+    if fmt == as_is:
+        return src
     ftype = FORMATS[fmt]
     if ftype is None:
-        return src
+        raise ArgError(f"{src.name} holds {as_is}; {fmt} cannot be made from it here")
     dest = work / f"{src.name.split('.')[0]}.{fmt}.gguf"
-    if dest.is_file():
+    if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
         return dest
     import llama_cpp
 
@@ -305,7 +316,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     formats = parse_formats(args.formats)
     check_args(args)
-    src = bundled_gguf()
+    as_is = "Q4_1"
+    if args.source is not None:
+        src = args.source.expanduser()
+        if not src.is_file():
+            raise ArgError(f"--source {src} does not exist")
+        as_is = parse_formats(args.source_format)[0]
+    else:
+        src = bundled_gguf()
     work = (args.work or default_work()).expanduser()
     from prunus.errors import PrunusError
 
@@ -313,7 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         windows = prunus_windows(args.eval, args.seqlen, args.windows)
     except PrunusError as e:  # a book not fetched, --windows above what the text holds, ...
         raise ArgError(str(e)) from None
-    ggufs = {fmt: convert(src, fmt, work, args.threads) for fmt in formats}
+    ggufs = {fmt: convert(src, fmt, work, args.threads, as_is) for fmt in formats}
 
     rows, version = [], "?"
     with tempfile.TemporaryDirectory(prefix="peer-llamacpp-") as scratch:
@@ -333,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": MODEL, "eval": args.eval, "seqlen": args.seqlen,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "source_gguf": src.name,
+            **({"source": str(src), "source_format": as_is} if args.source is not None else {}),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         },
     }
@@ -357,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where converted GGUFs are cached "
                                              "(default: <prunus cache>/llamacpp)")
     p.add_argument("--json", type=Path, help="write the result here (atomically)")
+    p.add_argument("--source", type=Path, help="measure this GGUF instead of the bundled SmolLM2 file")
+    p.add_argument("--source-format", default="F32",
+                   help=f"the type --source holds, used as is ({', '.join(FORMATS)}; default F32)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: measure this one format
     p.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
