@@ -8,15 +8,7 @@ import sys
 
 import pytest
 
-from prunus.cli import main
-
-from test_cli import FAST, tree_hash
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_cli import FAST, run, tree_hash
 
 
 def test_structured_prune_end_to_end(tmp_path, capsys, tiny_llama_dir, text_files):
