@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from prunus import budgets
 from prunus.oneshot.calibrate import block_index, find_blocks, run_blockwise
+from prunus.oneshot.embeddings import EMBEDDING_QUANT, embedding_quant, quantize_embeddings  # noqa: F401
 from prunus.oneshot.plan import PrunePlan, make_plan
 from prunus.oneshot.steps import BlockContext
 from prunus.errors import DataError, ModelError, SparsityCheckError
 from prunus.core.finite import check_finite
 from prunus.core.masks import check_divisible, n_pruned, pattern_violations, sparsity_of
 from prunus.core.quant import QuantizedWeight, check_quant_shape, off_grid, rtn
-from prunus.core.spec import Block, Channel, Quant, SparsitySpec
+from prunus.core.spec import Block, Channel, Quant, SparsitySpec, Unstructured
 from prunus.core.stats import LayerStats, weight_only_stats
 from prunus.core.targets import DEFAULT_EXCLUDE, Target, select
 
@@ -134,40 +135,6 @@ def _check(result_layers: list[LayerReport], spec: SparsitySpec, masks: dict[str
     if achieved + max(_rounding_tolerance(spec, l.shape) for l in result_layers) < want:
         raise SparsityCheckError(f"achieved sparsity {achieved:.4f} is below the spec's {want:.4f}")
     return achieved
-
-
-EMBEDDING_QUANT = Quant(8)  # nn.Embedding tables outside the targets, with an int8 spec (or a fallback)
-
-
-def embedding_quant(quant: Optional[Quant], dim: int) -> Quant:
-    """The grid of an embedding table under a quant spec: the spec's own int4 groups when the table's
-    width divides into them (int4 everywhere, as llama.cpp's Q4 formats do), else int8 per row."""
-    if quant is not None and quant.bits == 4 and (quant.group is None or dim % quant.group == 0):
-        return quant
-    return EMBEDDING_QUANT
-
-
-def quantize_embeddings(model: nn.Module, targets: Sequence[Target],
-                        quant: Optional[Quant] = None) -> dict[str, QuantizedWeight]:
-    """Round every ``nn.Embedding`` table that is not a target to the spec's grid
-    (:func:`embedding_quant`: int8 with one scale per row (token), or the spec's int4 groups).
-
-    With a quant spec the embedding would otherwise stay float and dominate a small model's
-    checkpoint (a fifth of SmolLM2-135M); a tied ``lm_head`` shares the rounded table.
-    """
-    names = {t.name for t in targets}
-    out: dict[str, QuantizedWeight] = {}
-    seen: set[int] = set()
-    with torch.no_grad():
-        for fqn, mod in model.named_modules():
-            if isinstance(mod, nn.Embedding) and fqn not in names and id(mod.weight) not in seen:
-                seen.add(id(mod.weight))
-                w = mod.weight
-                qw = rtn(w.float(), torch.ones(w.shape, dtype=torch.bool, device=w.device),
-                         embedding_quant(quant, w.shape[1]), fqn)
-                w.copy_(qw.dequantize().to(w.dtype))
-                out[fqn] = qw
-    return out
 
 
 def _check_quant(targets: Sequence[Target], masks: dict[str, Tensor], quant: dict[str, QuantizedWeight],
@@ -294,6 +261,11 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
     achieved = _check(layers, spec, masks, budget)
     if quant is not None:
         _check_quant(targets, masks, quantized, spec)
-        quantized.update(quantize_embeddings(model, targets, quant))
+        solver = None
+        if meth.quantizes and calib is not None:
+            def solver(w: Tensor, stats: LayerStats, grid: Quant, name: str) -> QuantizedWeight:
+                return meth.prune(w, stats, 0.0, Unstructured(), plan.method_options, name, quant=grid)[2]
+        quantized.update(quantize_embeddings(model, targets, quant, solver=solver, calib=calib,
+                                             batch_size=batch_size, device=device))
     return PruneResult(spec, meth.name, ref.name if ref else None, masks, layers, achieved,
                        time.perf_counter() - t0, budget, label=plan.label, quant=quantized)
