@@ -10,6 +10,9 @@ The kernels:
   permute; reads less than dense or CSR at 50-80% sparsity. Any pattern.
 - ``cpu_bsr``: blocks of R x C weights with register blocking over the block's rows. Block patterns.
 - ``torch_csr`` / ``torch_bsr``: ``torch.sparse`` CSR/BSR matmul; always available, usually slower.
+- the integer kernels (``csrc/cpu_quant.cpp``, :mod:`prunus.kernels.backends.cpu_quant`) and the
+  decode kernels that skip zero inputs (``csrc/cpu_actskip.cpp``,
+  :mod:`prunus.kernels.backends.cpu_actskip`) are built into the same extension.
 
 The C++ source (``csrc/cpu_sparse.cpp``) is compiled by ``torch.utils.cpp_extension.load`` (needs
 ``ninja`` and a C++ compiler) into torch's extension cache, once per machine and source version:

@@ -216,8 +216,9 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
         kernels: kernel names to consider; ``None``: every available applicable one.
         threads: thread count for the measurement (and recorded in the plan).
         patterns: layer name -> pattern; inferred from the mask where absent.
-        reuse: layers with the same shape, pattern, sparsity (to 0.1%) and bias share one
-            measurement (a 30-block model has a handful of distinct layers, not 200).
+        reuse: layers with the same shape, pattern, sparsity (to 0.1%), bias and fraction of
+            zero inputs (to 5%) share one measurement (a 30-block model has a handful of distinct
+            layers, not 200).
         cold: time each call with the weights evicted from the cache (see :func:`time_linear`):
             a model's weights stream from memory at every decode step unless the whole model
             fits in the cache, and a warm loop over one small layer would flatter dense.
@@ -275,7 +276,7 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                 wanted = [get_kernel(k).name for k in kernels]
                 names = [k for k in names if k in wanted]
             key = (out_f, in_f, str(pattern), round(sparsity, 3), module.bias is not None,
-                   tuple(names), str(quant), round(zeros, 2))
+                   tuple(names), str(quant), round(zeros * 20) / 20)  # gates' zeros to 5%
             note = ""
             if reuse and key in cache:
                 source, timings = cache[key]
