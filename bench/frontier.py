@@ -17,7 +17,15 @@ row shares the cores with another):
   lets the kernels that round the activation to int8 too (one scale per token, int32 sums with
   AVX-512 VNNI) compete; their perplexity is measured with them in place;
 - ``+compile`` rows: the same model after ``torch.compile`` (decode and prefill only; the
-  perplexity is that of the eager row, the weights being the same).
+  perplexity is that of the eager row, the weights being the same);
+- activation sparsity rows, ``prunus SPEC +actP% METHOD``: {dense weights (``0``), 2:4+int8,
+  50%+int8} x {25%, 40%} x {teal, wina, uniform} (``--act-specs``, ``--act-sparsities``,
+  ``--act-methods``), pruned with ``prunus prune ... --activation-sparsity P --activation-method
+  METHOD`` (dense weights with ``--method magnitude`` at sparsity 0: the weights are untouched),
+  exported like the others, so the kernels that skip zero inputs compete per layer on inputs with
+  the gates' zeros; measured with the gates attached (``prunus.load``). Compare with the row of the
+  same weights without gates (``dense fp32``, ``prunus 2:4+int8``, ``prunus 0.5+int8``). They need
+  the ``prunus.activation`` package; without it they are listed as skipped and the rest runs.
 
 Per row: perplexity over the first ``--windows`` windows of ``--eval`` (prunus's
 ``eval_windows``; llama.cpp scores the very same token ids), batch-1 decode tokens/s (a
@@ -50,6 +58,39 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp/bin/python"
 SPARSITIES = ("0.5", "2:4", "0.7")
 QUANTS = ("", "+int8", "+int4g64")  # int4 in groups of 64: 576, SmolLM2's width, is not a multiple of 128
+ACT_SPECS = "0,2:4+int8,0.5+int8"  # weights of the activation sparsity rows ("0": dense)
+ACT_SPARSITIES = "0.25,0.4"
+ACT_METHODS = "teal,wina,uniform"
+
+
+def activation_available() -> bool:
+    """Whether this checkout has activation sparsity (``prunus prune --activation-sparsity``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("prunus.activation") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def activation_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """{specs} x {fractions of zero inputs} x {gate methods}, in that order."""
+    split = lambda text: [v.strip() for v in (text or "").split(",") if v.strip()]  # noqa: E731
+    rows = []
+    for spec in split(a.act_specs):
+        for frac in split(a.act_sparsities):
+            for method in split(a.act_methods):
+                rows.append({"name": f"prunus {spec} +act{float(frac) * 100:g}% {method}", "kind": "prunus",
+                             "spec": spec, "act": {"sparsity": float(frac), "method": method}})
+    return rows
+
+
+def act_args(row: dict[str, Any]) -> list[str]:
+    """The ``prunus prune`` flags of a row's activation sparsity ([] for a row without)."""
+    act = row.get("act")
+    if not act:
+        return []
+    return ["--activation-sparsity", str(act["sparsity"]), "--activation-method", act["method"]]
 
 
 def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
@@ -66,6 +107,7 @@ def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
     rows += [{**r, "name": r["name"] + (" W8A8" if r["spec"].endswith("int8") else " W4A8"),
               "act_int8": True} for r in list(rows)
              if r["kind"] == "prunus" and ("int8" in r["spec"] or "int4" in r["spec"])]
+    rows += activation_rows(a)
     for name in a.compile_rows.split(",") if a.compile_rows else []:
         base = next((r for r in rows if r["name"] == name.strip()), None)
         if base is not None:
@@ -76,8 +118,15 @@ def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def slug(spec: str, method: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", f"{method}_{spec}")
+def slug(spec: str, method: str, act: dict[str, Any] | None = None) -> str:
+    tail = f"_act{act['sparsity']:g}_{act['method']}" if act else ""
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{method}_{spec}{tail}")
+
+
+def prune_method(row: dict[str, Any], a: argparse.Namespace) -> str:
+    """``--method``: the row's pruning method (magnitude for untouched weights, sparsity 0)."""
+    untouched = row["spec"].split("+")[0] in ("0", "0%", "0.0")
+    return "magnitude" if row.get("act") and untouched else a.method
 
 
 def _env() -> dict[str, str]:
@@ -96,15 +145,16 @@ def _run(cmd: list[str], log) -> subprocess.CompletedProcess:  # type: ignore[no
 def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # type: ignore[no-untyped-def]
     """Prune (cached) and export with a measured kernel plan (cached); the runtime folder."""
     work = Path(a.work)
-    name = slug(row["spec"], a.method)
+    name = slug(row["spec"], a.method, row.get("act"))
     ck = work / f"ck-{name}"
     rt = work / f"rt-{name}{'-a8' if row.get('act_int8') else ''}{'-tuned' if a.tune else ''}"
     py = [sys.executable, "-m", "prunus"]
     if not (ck / "prunus.json").is_file():
         t0 = time.perf_counter()
-        r = _run(py + ["prune", a.model, "--method", a.method, "--sparsity", row["spec"], "--calib",
-                       a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
-                       "--no-baselines", "--quiet", "--out", str(ck), "--overwrite"], log)
+        r = _run(py + ["prune", a.model, "--method", prune_method(row, a), "--sparsity", row["spec"],
+                       "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+                       "--no-baselines", "--quiet", "--out", str(ck), "--overwrite"] + act_args(row),
+                 log)
         if r.returncode != 0:
             return None
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -171,6 +221,13 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
             if isinstance(m, SparseLinear):
                 kinds[m.kernel] = kinds.get(m.kernel, 0) + 1
         note = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "all dense"
+        if row.get("act"):
+            from prunus.kernels.gating import gated_layers
+
+            gated = len(gated_layers(model))
+            if not gated:
+                raise SystemExit(f"{rt}: no activation gate attached after loading")
+            note += f"; {gated} gated layers"
     model.eval()
     ids = data.tokenize(data.resolve_text(a.eval), tok)
     windows = data.eval_windows(ids, a.seqlen, a.windows)
@@ -308,7 +365,7 @@ def write_json(doc: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="sparsegpt")
@@ -326,6 +383,10 @@ def main() -> int:
                     default="dense fp32,prunus 2:4+int4g64 W4A8,prunus 0.5+int8 W8A8,"
                             "prunus 2:4+int8 W8A8",
                     help="rows to repeat after torch.compile ('' for none)")
+    ap.add_argument("--act-specs", default=ACT_SPECS,
+                    help="weights of the activation sparsity rows ('' for none)")
+    ap.add_argument("--act-sparsities", default=ACT_SPARSITIES, help="fractions of zero inputs")
+    ap.add_argument("--act-methods", default=ACT_METHODS, help="gate methods (teal, wina, uniform)")
     ap.add_argument("--only", help="comma-separated row names")
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
     ap.add_argument("--json")
@@ -337,7 +398,11 @@ def main() -> int:
     ap.add_argument("--prune-only", action="store_true",
                     help="only prune (and cache) the prunus checkpoints, measure nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    a = parser().parse_args()
     for name in ("nsamples", "seqlen", "windows", "threads", "prompt_tokens", "new_tokens"):
         if getattr(a, name) < 1:
             print(f"frontier: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -358,17 +423,25 @@ def main() -> int:
         a.json = a.json or a.update
     if a.prune_only:
         for row in rows_wanted(a):
+            if row.get("act") and not activation_available():
+                log(f"{row['name']}: skipped (no prunus.activation)")
+                continue
             if row["kind"] == "prunus" and not row.get("compile") and not row.get("act_int8"):
                 log(f"{row['name']}: {'ok' if prepare(row, a, log) else 'FAILED'}")
         return 0
+    act_ok = activation_available()
     for row in rows_wanted(a):
+        if row.get("act") and not act_ok:
+            doc["rows"].append({**row, "error": "skipped: no prunus.activation in this checkout "
+                                                "(prunus prune --activation-sparsity)"})
+            continue
         if row["kind"] == "prunus":
             rt = prepare(row, a, log)
             if rt is None:
                 doc["rows"].append({**row, "error": "prune or export failed (see the log)"})
                 continue
             row["runtime_dir"] = str(rt)
-            sec = Path(a.work) / f"{slug(row['spec'], a.method)}.prune_seconds"
+            sec = Path(a.work) / f"{slug(row['spec'], a.method, row.get('act'))}.prune_seconds"
             if sec.exists():
                 row["prune_seconds"] = float(sec.read_text())
         cmd = [sys.executable, __file__, "--one", json.dumps(row)] + [

@@ -286,8 +286,9 @@ from prunus.core.spec import parse_quant
 assert cpu.load_extension(), cpu.unavailable_reason()
 assert cpu.build_info()["isa"] == "baseline", cpu.build_info()
 torch.manual_seed(0)
-for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cpu_csr")),
-                      ("int4g32z", ("cpu_int4", "cpu_bitmap_int8"))):
+skip = ("cpu_skip_f32", "cpu_skip_bitmap_int8")  # the portable loops of csrc/cpu_actskip.cpp
+for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cpu_csr", "cpu_skip_int8") + skip),
+                      ("int4g32z", ("cpu_int4", "cpu_bitmap_int8", "cpu_skip_int4") + skip)):
     w = torch.randn(20, 96); keep = torch.rand(20, 96) > 0.5
     qw = rtn(w, keep, parse_quant(spec), "t")
     lin = nn.Linear(96, 20); lin.weight.data = qw.dequantize()
@@ -295,6 +296,7 @@ for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cp
         m = SparseLinear.from_dense(lin, keep, k, qweight=qw if "int" in k else None)
         for n in (1, 3, 17):
             x = torch.randn(n, 96)
+            x[:, ::3] = 0.0  # inputs the skip kernels skip
             torch.testing.assert_close(m(x), F.linear(x, qw.dequantize(), lin.bias), rtol=1e-4, atol=1e-4)
 print("portable ok")
 """

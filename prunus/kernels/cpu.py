@@ -10,6 +10,9 @@ The kernels:
   permute; reads less than dense or CSR at 50-80% sparsity. Any pattern.
 - ``cpu_bsr``: blocks of R x C weights with register blocking over the block's rows. Block patterns.
 - ``torch_csr`` / ``torch_bsr``: ``torch.sparse`` CSR/BSR matmul; always available, usually slower.
+- the integer kernels (``csrc/cpu_quant.cpp``, :mod:`prunus.kernels.backends.cpu_quant`) and the
+  decode kernels that skip zero inputs (``csrc/cpu_actskip.cpp``,
+  :mod:`prunus.kernels.backends.cpu_actskip`) are built into the same extension.
 
 The C++ source (``csrc/cpu_sparse.cpp``) is compiled by ``torch.utils.cpp_extension.load`` (needs
 ``ninja`` and a C++ compiler) into torch's extension cache, once per machine and source version:
@@ -36,9 +39,10 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_sparse.cpp"
-SOURCES = (SOURCE, CSRC / "cpu_quant.cpp")  # common.h is included by both
+SOURCES = (SOURCE, CSRC / "cpu_quant.cpp", CSRC / "cpu_actskip.cpp")  # each includes common.h
 COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr", "cpu_int8", "cpu_int4", "cpu_bitmap_int8",
-            "cpu_int8_a8", "cpu_bitmap_int8_a8", "cpu_int4_a8")
+            "cpu_int8_a8", "cpu_bitmap_int8_a8", "cpu_int4_a8", "cpu_skip_f32", "cpu_skip_int8",
+            "cpu_skip_int4", "cpu_skip_bitmap_int8")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2")
 
 _lock = threading.Lock()
@@ -149,6 +153,20 @@ def _register_fakes() -> None:
         out_of(name, lambda a: a[0].shape[0])  # codes / packed (out, ...)
     for name in ("bitmap_q8_linear", "bitmap_q8a8_linear"):
         out_of(name, lambda a: a[1].shape[0])  # (val_ptr, bits (out, words), ...)
+    for name in ("skip_f32_linear", "skip_q8_linear", "skip_q4_linear", "skip_bitmap_q8_linear"):
+        out_of(name, lambda a: a[-1])  # (..., out_features)
+
+    def decoded(first, *args):  # type: ignore[no-untyped-def]  # the (in, ldw) float32 W^T
+        ldw = first.shape[1] * (2 if first.dtype == torch.uint8 else 1)
+        return first.new_empty((first.shape[0], ldw), dtype=torch.float32)
+
+    for name in ("skip_q8_dense", "skip_q4_dense"):
+        torch.library.register_fake(f"prunus_cpu::{name}")(decoded)
+
+    def decoded_b8(wptr, bits, *args):  # type: ignore[no-untyped-def]
+        return bits.new_empty((bits.shape[0], bits.shape[1] * 64), dtype=torch.float32)
+
+    torch.library.register_fake("prunus_cpu::skip_bitmap_q8_dense")(decoded_b8)
 
 
 def compiled_available() -> bool:

@@ -12,11 +12,13 @@ Example:
     >>> print(plan.table())
     >>> plan.save("plan.json")
     >>> apply_plan(model, Plan.load("plan.json"), result.masks)
-Example:
-    >>> plan = plan_model(model, result.masks, tokens_list=[1], margin=1.1)
-    >>> print(plan.table())
-    >>> plan.save("plan.json")
-    >>> apply_plan(model, Plan.load("plan.json"), result.masks)
+
+Activation sparsity: a layer with an activation gate (:mod:`prunus.kernels.gating`) is planned
+too, masked or not, and there every kernel -- dense and the kernels that skip zero inputs
+included -- is timed on inputs with the gate's fraction of zeros (``LayerPlan.input_sparsity``).
+A kernel that skips zero inputs runs decode only; ``LayerPlan.prefill`` records the layer's choice
+on dense inputs (the same timings, those kernels left out), which longer calls keep
+(:mod:`prunus.kernels.swap`). :func:`apply_plan` carries each layer's gate to its new module.
 
 A checkpoint written by ``prunus export --runtime auto`` carries its plan in its metadata under
 :data:`PLAN_KEY`; :func:`apply_stored_plan` applies it (this module loads no model).
@@ -35,8 +37,11 @@ from torch import Tensor, nn
 
 from prunus.core.spec import Pattern, format_sparsity, parse_sparsity
 from prunus.kernels.base import SparseLinear
+from prunus.kernels.decide import decide as _decide, prefill_choice
+from prunus.kernels.gating import gated_layers
 from prunus.kernels.patterns import infer_pattern
 from prunus.kernels.registry import KERNELS, KernelError, get_kernel, kernels_for, resolve_device
+from prunus.kernels.swap import build_module, put
 from prunus.kernels.timing import Timing, dtype_name, num_threads, time_linear
 
 PLAN_FORMAT = "prunus-kernel-plan"
@@ -57,6 +62,8 @@ class LayerPlan:
     reason: str
     timings: tuple[Timing, ...] = ()
     quant: str = ""  # the layer's stored grid ("int8", "int4g64"); "" when stored as floats
+    input_sparsity: float = 0.0  # its activation gate's fraction of zero inputs (0: no gate)
+    prefill: str = ""  # a kernel that skips zero inputs: the choice on dense inputs, for prefill
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -71,7 +78,8 @@ class LayerPlan:
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerPlan":
         return cls(str(d["name"]), int(d["out_features"]), int(d["in_features"]),
                    str(d["pattern"]), float(d["sparsity"]), str(d["kernel"]), str(d["reason"]),
-                   tuple(Timing(**t) for t in d.get("timings", ())), str(d.get("quant", "")))
+                   tuple(Timing(**t) for t in d.get("timings", ())), str(d.get("quant", "")),
+                   float(d.get("input_sparsity", 0.0)), str(d.get("prefill", "")))
 
 
 @dataclass(frozen=True)
@@ -172,22 +180,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _decide(timings: Sequence[Timing], tokens: Sequence[int], margin: float) -> tuple[str, str]:
-    """(kernel or "dense", reason) from one layer's timings."""
-    if not timings:
-        return "dense", "no available sparse kernel applies"
-    by_kernel: dict[str, dict[int, float]] = {}
-    for t in timings:
-        by_kernel.setdefault(t.kernel, {})[t.tokens] = t.speedup
-    worst = {k: min(s.get(n, 0.0) for n in tokens) for k, s in by_kernel.items()}
-    best = max(worst, key=lambda k: worst[k])
-    ts = "/".join(str(n) for n in tokens)
-    ss = "/".join(f"{by_kernel[best].get(n, 0.0):.2f}x" for n in tokens)
-    if worst[best] >= margin:
-        return best, f"{best} {ss} at {ts} tokens, all >= {margin:g}x"
-    return "dense", f"best {best} {ss} at {ts} tokens, below {margin:g}x"
-
-
 def _linear_layers(model: nn.Module, masks: Mapping[str, Tensor], qweights: Mapping[str, Any],
                    also: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
     """The linears with a mask, those stored quantized (an int8 ``lm_head`` tied to the
@@ -224,8 +216,9 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
         kernels: kernel names to consider; ``None``: every available applicable one.
         threads: thread count for the measurement (and recorded in the plan).
         patterns: layer name -> pattern; inferred from the mask where absent.
-        reuse: layers with the same shape, pattern, sparsity (to 0.1%) and bias share one
-            measurement (a 30-block model has a handful of distinct layers, not 200).
+        reuse: layers with the same shape, pattern, sparsity (to 0.1%), bias and fraction of
+            zero inputs (to 5%) share one measurement (a 30-block model has a handful of distinct
+            layers, not 200).
         cold: time each call with the weights evicted from the cache (see :func:`time_linear`):
             a model's weights stream from memory at every decode step unless the whole model
             fits in the cache, and a warm loop over one small layer would flatter dense.
@@ -238,12 +231,16 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
         also: more linears to plan, unpruned ones included (their mask: the non-zero weights).
             A float kernel can beat the dense GEMV at batch 1 even at sparsity 0 (the bitmap
             kernel does on SmolLM2's 49k x 576 output head), and the plan keeps it only then.
+            Linears with an activation gate are always planned, on inputs with its fraction of
+            zeros, with the kernels that skip zero inputs among the candidates.
 
     Raises:
         KernelError: no masks nor quantized layers, a mask without a matching ``nn.Linear``, CUDA absent.
     """
     qweights = dict(qweights or {})
     masks = dict(masks or {})
+    gates = gated_layers(model)
+    also = list(also) + [n for n in gates if n not in also]
     if not masks and not qweights and not also:
         raise KernelError("the model has no masks: choosing kernels (runtime 'auto') needs the "
                           "keep-masks saved at prune time")
@@ -271,13 +268,15 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
             sparsity = 1.0 - float(mask.float().mean())
             out_f, in_f = weight.shape
             quant = None if qw is None else qw.quant
+            zeros = gates.get(name, 0.0)
             names = [k.name for k in kernels_for((out_f, in_f), pattern, dev, weight.dtype,
-                                                 quant=quant, approximate=approximate)]
+                                                 quant=quant, approximate=approximate,
+                                                 input_sparse=name in gates)]
             if kernels is not None:
                 wanted = [get_kernel(k).name for k in kernels]
                 names = [k for k in names if k in wanted]
             key = (out_f, in_f, str(pattern), round(sparsity, 3), module.bias is not None,
-                   tuple(names), str(quant))
+                   tuple(names), str(quant), round(zeros * 20) / 20)  # gates' zeros to 5%
             note = ""
             if reuse and key in cache:
                 source, timings = cache[key]
@@ -286,13 +285,17 @@ def plan_model(model: nn.Module, masks: Optional[Mapping[str, Tensor]], tokens_l
                 timings = time_linear(module, mask, tokens, dev, names, pattern=pattern,
                                       repeats=repeats, warmup=warmup,
                                       min_sample_ms=min_sample_ms, name=name,
-                                      cold=cold, qweight=qw,
-                                      approximate=approximate) if names else []
+                                      cold=cold, qweight=qw, approximate=approximate,
+                                      input_sparsity=zeros) if names else []
                 cache[key] = (name, timings)
             kernel, reason = _decide(timings, tokens, margin)
+            prefill = prefill_choice(kernel, timings, tokens, margin)
+            if prefill:
+                reason += f" at {zeros:.0%} zero inputs; prefill {prefill}"
             layers_out.append(LayerPlan(name, out_f, in_f, format_sparsity(pattern, sparsity),
                                         round(sparsity, 6), kernel, reason + note,
-                                        tuple(timings), "" if quant is None else str(quant)))
+                                        tuple(timings), "" if quant is None else str(quant),
+                                        round(zeros, 6) if name in gates else 0.0, prefill))
             if progress is not None:
                 progress(f"{name}: {kernel}: {reason}{note}")
     return Plan(dev.type, dtype_name(dtype or torch.float32), nt, tokens, float(margin),
@@ -309,6 +312,8 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
         masks: layer name -> keep-mask; a layer without one keeps its non-zero weights.
         strict: raise when a planned kernel is unavailable here; by default warn and keep the
             layer dense (a missing build must not make the model wrong or slower).
+            A planned kernel that skips zero inputs takes the layer's ``prefill`` kernel for long
+            calls, and a layer's activation gate moves to its new module (:mod:`prunus.kernels.swap`).
         qweights: layer name -> stored quantized weight, for the layers planned on an integer
             kernel (:func:`prunus.export.load_quantized`); without it such a layer is an error.
     """
@@ -348,12 +353,9 @@ def apply_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor
         mask = None if masks is None else masks.get(layer.name)
         if mask is None and qw is not None:
             mask = qw.keep
-        sparse = SparseLinear.from_dense(module, mask, layer.kernel, pattern=layer.parsed_pattern,
-                                         name=layer.name,
-                                         qweight=qw if spec.quant is not None else None)
-        parent_name, _, child = layer.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, sparse)
+        put(model, layer.name, build_module(module, layer.kernel, name=layer.name, mask=mask,
+                                            pattern=layer.parsed_pattern, qweight=qw,
+                                            prefill=layer.prefill))
         applied[layer.name] = layer.kernel
     return applied
 

@@ -55,6 +55,10 @@ class KernelSpec:
         exact: computes ``x @ W.T`` of the stored weight up to float summation order. ``False``
             (the W8A8 kernels, which round the activation to int8 too): left out of
             :func:`kernels_for` and plans unless ``approximate=True`` asks for them.
+        input_sparse: reads only the weights of the non-zero inputs (activation sparsity, the
+            ``cpu_skip_*`` kernels). Left out of :func:`kernels_for` unless ``input_sparse=True``
+            asks for them: plans consider them only for layers with an activation gate
+            (:mod:`prunus.kernels.gating`), timed on inputs with the gate's fraction of zeros.
     """
 
     name: str
@@ -71,6 +75,7 @@ class KernelSpec:
     unavailable_reason: Callable[[], str] = field(repr=False, default=lambda: "not available here")
     quant: Optional[Callable[[Quant, tuple[int, int]], bool]] = field(repr=False, default=None)
     exact: bool = True
+    input_sparse: bool = False
 
     def applicable(self, weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
                    dtype: torch.dtype, quant: Optional[Quant] = None) -> bool:
@@ -151,13 +156,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def kernels_for(weight_shape: Sequence[int], pattern: Pattern, device: str | torch.device,
                 dtype: torch.dtype, *, available_only: bool = True,
-                quant: Optional[Quant] = None, approximate: bool = False) -> list[KernelSpec]:
+                quant: Optional[Quant] = None, approximate: bool = False,
+                input_sparse: bool = False) -> list[KernelSpec]:
     """Kernels applicable to this layer, highest priority first (only available ones by default);
     ``quant``: the layer's stored grid, which admits the integer kernels that serve it;
-    ``approximate``: include the kernels that also round the activation (W8A8)."""
+    ``approximate``: include the kernels that also round the activation (W8A8);
+    ``input_sparse``: include the kernels that skip zero inputs (a layer with an activation gate)."""
     load_backends()
     out = [k for k in KERNELS.values() if k.applicable(weight_shape, pattern, device, dtype, quant)
-           and (k.exact or approximate)
+           and (k.exact or approximate) and (input_sparse or not k.input_sparse)
            and (not available_only or k.available())]
     return sorted(out, key=lambda k: -k.priority)
 

@@ -28,11 +28,25 @@ from prunus.errors import CheckpointError, SpecError
 from prunus.core.options import build_options, option
 from prunus.core.targets import select
 from prunus.io.fsutil import check_out_dir
-from prunus.io.models import load_model
+from prunus.io.models import load_checkpoint, load_model
+from prunus.kernels.gating import gated_layers
 from prunus.kernels.plans import PLAN_KEY, apply_plan, plan_model
 from prunus.kernels.registry import KernelError, resolve_device
 from prunus.kernels.tune import tune_plan
 from prunus.kernels.timing import time_generate, time_linear
+
+
+ACTIVATION_KEY = "activation_sparsity"  # the checkpoint's gates (prunus prune --activation-sparsity)
+
+
+def check_gates(model: nn.Module, meta: dict[str, Any], log: Callable[[str], None]) -> dict[str, float]:
+    """The model's gated layers; a warning when the metadata records gates that are not attached
+    (then the plan is made without activation sparsity)."""
+    gates = gated_layers(model)
+    if meta.get(ACTIVATION_KEY) and not gates:
+        log(f"warning: the checkpoint records activation sparsity ({ACTIVATION_KEY}), but no "
+            f"layer has a gate attached; the kernels are planned on dense inputs")
+    return gates
 
 
 @dataclass(frozen=True)
@@ -97,11 +111,16 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
             like layers (:func:`prunus.kernels.tune.tune_plan`; a few minutes for SmolLM2). Off by
             default: not yet measured at the scale of the frontier benchmark.
 
+    The model is loaded by :func:`prunus.io.models.load_checkpoint` (``runtime="dense"``), which
+    attaches the activation gates the checkpoint records: gated layers are planned on inputs with
+    their fraction of zeros (:func:`~prunus.kernels.plans.plan_model`), the tuning decode runs with
+    the gates, and the metadata (``activation_sparsity`` included) is copied to ``out``.
+
     Returns:
         ``(ExportInfo, Plan)``.
 
     Raises:
-        CheckpointError: not a prunus checkpoint, or no masks stored.
+        CheckpointError: not a prunus checkpoint, or no masks, quantized weights or gates stored.
         KernelError: ``device="cuda"`` without CUDA.
     """
     if runtime not in ("auto", "dense"):
@@ -115,11 +134,16 @@ def export_runtime(checkpoint: str, out: str, *, runtime: str = "auto", tokens: 
                               f"that `prunus prune --out` stores")
     masks = export.load_masks(checkpoint)
     qweights = export.load_quantized(checkpoint)
-    if not masks and not qweights:
-        raise CheckpointError(f"{checkpoint} stores no masks nor quantized weights; --runtime auto "
-                              f"needs a pruned or quantized checkpoint")
-    model = export.load(checkpoint)  # dense: the plan stored there (if any) is not applied
     meta = dict(export.read_metadata(checkpoint))
+    if not masks and not qweights and not meta.get(ACTIVATION_KEY):
+        raise CheckpointError(f"{checkpoint} stores no masks nor quantized weights; --runtime auto "
+                              f"needs a pruned, quantized or activation-sparse checkpoint")
+    # dense: the plan stored there (if any) is not applied; the activation gates are attached
+    model = load_checkpoint(checkpoint, runtime="dense")
+    gates = check_gates(model, meta, log)
+    if not masks and not qweights and not gates:
+        raise CheckpointError(f"{checkpoint} records activation sparsity but its gates could not be "
+                              f"attached, and it stores no masks nor quantized weights")
     plan = None
     if runtime == "auto":
         unpruned = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -166,6 +190,8 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     model.to(dev)
     masks = masks_for(source, model)
     qweights = quantized_for(source)
+    meta = dict(export.read_metadata(source)) if (Path(source) / "prunus.json").is_file() else {}
+    gates = check_gates(model, meta, log)
     rows, seen = [], {}
     mods = dict(model.named_modules())
     names = list(masks) + [n for n in qweights if n not in masks and isinstance(mods.get(n), nn.Linear)]
@@ -174,12 +200,15 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
         lin, qw = mods[name], qweights.get(name)
         mask = masks[name] if name in masks else qw.keep if qw is not None else lin.weight != 0
         sp = round(1.0 - float(mask.sum()) / mask.numel(), 3)
-        key = (tuple(lin.weight.shape), sp, lin.bias is not None, None if qw is None else str(qw.quant))
-        if key not in seen:  # the same shape, sparsity and grid is measured once
+        zeros = round(gates.get(name, 0.0), 2)
+        key = (tuple(lin.weight.shape), sp, lin.bias is not None, None if qw is None else str(qw.quant),
+               zeros)
+        if key not in seen:  # the same shape, sparsity, grid and input sparsity is measured once
             seen[key] = time_linear(lin, mask, list(tokens), device=dev, threads=threads, name=name,
-                                    qweight=qw)
+                                    qweight=qw, input_sparsity=zeros)
             log(f"measured {name} {tuple(lin.weight.shape)} at sparsity {sp}"
-                f"{'' if qw is None else f' ({qw.quant})'}")
+                f"{'' if qw is None else f' ({qw.quant})'}"
+                f"{f', {zeros:.0%} zero inputs' if name in gates else ''}")
         for t in seen[key]:
             rows.append({"layer": name, **t.to_dict()})
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=dev)

@@ -45,6 +45,7 @@ class Timing:
     kernel: str
     threads: int
     cold: bool = False
+    input_sparsity: float = 0.0  # the fraction of the input that was exactly zero
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +153,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
                 threads: Optional[int] = None, repeats: int = 15, warmup: int = 3,
                 min_sample_ms: float = 2.0, seed: int = 0, name: str = "layer",
                 dtype: Optional[torch.dtype] = None, cold: bool = False,
-                qweight: Optional[Any] = None, approximate: bool = False) -> list[Timing]:
+                qweight: Optional[Any] = None, approximate: bool = False,
+                input_sparsity: float = 0.0) -> list[Timing]:
     """Time dense ``F.linear`` against each kernel on one layer, per token count.
 
     Args:
@@ -174,6 +176,9 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
         qweight: the layer's stored quantized weight (its dequantized value is the weight): the
             integer kernels that serve its grid are timed too.
         approximate: time the kernels that also round the activation (W8A8) too.
+        input_sparsity: the fraction of each input row made exactly zero (its smallest
+            magnitudes), as an activation gate leaves it; above 0, ``kernels=None`` also times
+            the kernels that skip zero inputs (``input_sparse``).
 
     Returns:
         One :class:`Timing` per (kernel, token count), kernels in the given or priority order.
@@ -192,6 +197,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
     if tuple(mask.shape) != tuple(weight.shape):
         raise KernelError(f"{name}: mask shape {tuple(mask.shape)} does not match weight shape "
                           f"{tuple(weight.shape)}")
+    if not 0.0 <= input_sparsity <= 1.0:
+        raise KernelError(f"{name}: input sparsity must be in [0, 1], got {input_sparsity}")
     if not tokens_list or any(int(t) < 1 for t in tokens_list):
         raise KernelError(f"token counts must be positive integers, got {list(tokens_list)}")
     pattern = pattern or infer_pattern(mask)
@@ -199,7 +206,8 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
     if kernels is None:
         specs = [k.name for k in kernels_for((out_f, in_f), pattern, dev, dtype,
                                              quant=None if qweight is None else qweight.quant,
-                                             approximate=approximate)]
+                                             approximate=approximate,
+                                             input_sparse=input_sparsity > 0)]
     else:
         specs = [get_kernel(k).name for k in kernels]
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device=dev, dtype=dtype)
@@ -214,7 +222,7 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
     rows: list[Timing] = []
     with num_threads(threads) as nt:
         for tokens in tokens_list:
-            x = torch.randn(int(tokens), in_f, generator=gen).to(dev, dtype)
+            x = sparse_input(int(tokens), in_f, input_sparsity, gen).to(dev, dtype)
             fns: list[Callable[[], Any]] = [lambda: F.linear(x, masked, bias)]
             fns += [(lambda m: lambda: m(x))(m) for m in modules]
             flush = None
@@ -228,8 +236,19 @@ def time_linear(layer: nn.Linear | Tensor, mask: Optional[Tensor], tokens_list: 
             for spec, ms in zip(specs, times[1:]):
                 rows.append(Timing(dev.type, out_f, in_f, str(pattern), round(sparsity, 6),
                                    int(tokens), dtype_name(dtype), times[0], ms,
-                                   times[0] / ms if ms > 0 else math.inf, spec, nt, cold))
+                                   times[0] / ms if ms > 0 else math.inf, spec, nt, cold,
+                                   float(input_sparsity)))
     return rows
+
+
+def sparse_input(tokens: int, in_f: int, sparsity: float, gen: torch.Generator) -> Tensor:
+    """A random (tokens, in_f) input whose ``round(sparsity * in_f)`` smallest magnitudes per row
+    are exactly zero (what a magnitude gate such as TEAL's leaves)."""
+    x = torch.randn(tokens, in_f, generator=gen)
+    k = int(round(sparsity * in_f))
+    if k:
+        x.scatter_(1, x.abs().argsort(dim=1)[:, :k], 0.0)
+    return x
 
 
 @torch.inference_mode()
@@ -250,4 +269,5 @@ def time_generate(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: in
     return {"prefill_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
 
 
-__all__ = ["Timing", "cache_flusher", "dtype_name", "num_threads", "time_generate", "time_linear"]
+__all__ = ["Timing", "cache_flusher", "dtype_name", "num_threads", "sparse_input", "time_generate",
+           "time_linear"]

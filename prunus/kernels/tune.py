@@ -26,9 +26,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from prunus.kernels.base import SparseLinear
+from prunus.kernels.decide import prefill_choice
 from prunus.kernels.plans import LayerPlan, Plan
 from prunus.kernels.registry import KERNELS
+from prunus.kernels.swap import build_module, put as _put
 from prunus.kernels.timing import num_threads, time_generate
 
 
@@ -36,7 +37,7 @@ def _groups(plan: Plan) -> dict[tuple, list[LayerPlan]]:
     out: dict[tuple, list[LayerPlan]] = {}
     for layer in plan.layers:
         key = (layer.out_features, layer.in_features, layer.pattern.split("@")[0],
-               round(layer.sparsity, 2), layer.quant)
+               round(layer.sparsity, 2), layer.quant, round(layer.input_sparsity, 2))
         out.setdefault(key, []).append(layer)
     return out
 
@@ -67,29 +68,37 @@ def tune_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]
             speed does not depend on them).
         min_gain: another choice must be this much faster (fraction of a decode step) to replace
             the per-layer plan's, so that noise does not flip decisions.
+
+    Layers with an activation gate keep it whatever module they run on (the decode is timed
+    with the gates attached, as the model will run), and a kernel that skips zero inputs gets
+    the layer's choice among the other kernels for prefill (:mod:`prunus.kernels.swap`).
         rounds: each option is timed this many times, in interleaved rounds (median kept). On a
             shared virtual machine two timings of the same model seconds apart differed by up to
             20% here; one sample per option chose on that noise.
     """
     masks, qweights = dict(masks or {}), dict(qweights or {})
     dense = {layer.name: model.get_submodule(layer.name) for layer in plan.layers}
+    by_name = {layer.name: layer for layer in plan.layers}
+
+    def prefill(name: str, kernel: str) -> str:
+        lay = by_name[name]
+        return prefill_choice(kernel, lay.timings, plan.tokens, plan.margin)
     built: dict[tuple[str, str], nn.Module] = {}
 
     def module(name: str, kernel: str) -> nn.Module:
         if kernel == "dense":
             return dense[name]
         if (name, kernel) not in built:
-            qw = qweights.get(name) if KERNELS[kernel].quant is not None else None
             mask = masks.get(name)
             if mask is None and name in qweights:
                 mask = qweights[name].keep
-            built[(name, kernel)] = SparseLinear.from_dense(dense[name], mask, kernel, name=name,
-                                                            qweight=qw)
+            built[(name, kernel)] = build_module(dense[name], kernel, name=name, mask=mask,
+                                                 qweight=qweights.get(name),
+                                                 prefill=prefill(name, kernel))
         return built[(name, kernel)]
 
     def put(name: str, mod: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, mod)
+        _put(model, name, mod)
 
     chosen = {layer.name: layer.kernel for layer in plan.layers}
     gen = torch.Generator().manual_seed(0)
@@ -136,6 +145,7 @@ def tune_plan(model: nn.Module, plan: Plan, masks: Optional[Mapping[str, Tensor]
         for name, mod in dense.items():
             put(name, mod)
     layers = tuple(dataclasses.replace(layer, kernel=chosen[layer.name],
+                                       prefill=prefill(layer.name, chosen[layer.name]),
                                        reason=f"{layer.reason}; {notes.get(layer.name, '')}".rstrip("; "))
                    for layer in plan.layers)
     return dataclasses.replace(plan, layers=layers)

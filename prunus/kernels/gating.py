@@ -1,0 +1,72 @@
+"""Activation gates as the kernels see them: which layers have one, and moving one to the module
+that replaces a layer.
+
+A gated linear (activation sparsity: TEAL, WINA, a uniform threshold; attached by
+:func:`prunus.io.models.load_checkpoint` from a checkpoint's ``activation_sparsity`` metadata)
+carries the attribute :data:`GATE_ATTR` -- a frozen dataclass with ``threshold``, ``sparsity`` (the
+expected fraction of zero inputs) and ``scale`` (``"none"`` or ``"colnorm"``) -- and a forward
+pre-hook that zeroes the inputs whose score is below the threshold. This module names nothing of
+the package that builds gates: a gate is recognised by that attribute alone.
+
+- :func:`gated_layers`: layer name -> the gate's ``sparsity``; :func:`prunus.kernels.plans.plan_model`
+  plans these layers too, and lets the kernels that skip zero inputs compete there, timed on inputs
+  with that fraction of zeros.
+- :func:`carry_gate`: when a plan swaps a gated ``nn.Linear`` for a kernel module, the new module
+  gets the gate: every attribute, buffer or parameter whose name starts with :data:`GATE_ATTR`
+  (the gate, a ``colnorm`` scale tensor) and every forward pre-hook of the old module, re-registered
+  in order, so that the new module zeroes the same inputs before its product.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from prunus.kernels.base import SparseLinear
+
+GATE_ATTR = "prunus_gate"
+
+
+def gate_of(module: nn.Module) -> Optional[Any]:
+    """The module's activation gate, or None."""
+    return getattr(module, GATE_ATTR, None)
+
+
+def gated_layers(model: nn.Module) -> dict[str, float]:
+    """Name -> expected fraction of zero inputs (``gate.sparsity``) of every gated linear."""
+    out = {}
+    for name, m in model.named_modules():
+        gate = gate_of(m)
+        if gate is not None and isinstance(m, (nn.Linear, SparseLinear)):
+            out[name] = min(1.0, max(0.0, float(getattr(gate, "sparsity", 0.0))))
+    return out
+
+
+def carry_gate(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (the module replacing ``old``) ``old``'s activation gate; no gate: nothing.
+
+    The forward pre-hooks are re-registered on ``new`` (with their ``with_kwargs`` flag), so a
+    hook reading ``module.prunus_gate`` or a scale tensor on the module finds ``new``'s copies;
+    hooks already on ``new`` are not added twice. ``old`` keeps its gate (a tuning pass swaps it
+    back in).
+    """
+    if gate_of(old) is None or old is new:
+        return
+    for key, value in list(old.__dict__.items()):
+        if key.startswith(GATE_ATTR):
+            setattr(new, key, value)
+    for key, buf in old._buffers.items():
+        if key.startswith(GATE_ATTR):
+            new.register_buffer(key, buf, persistent=key not in old._non_persistent_buffers_set)
+    for key, param in old._parameters.items():
+        if key.startswith(GATE_ATTR) and param is not None:
+            new.register_parameter(key, param)
+    present = list(new._forward_pre_hooks.values())
+    for hid, hook in old._forward_pre_hooks.items():
+        if any(hook is h for h in present):
+            continue
+        new.register_forward_pre_hook(hook, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
+
+
+__all__ = ["GATE_ATTR", "carry_gate", "gate_of", "gated_layers"]

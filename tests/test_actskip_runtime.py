@@ -1,0 +1,78 @@
+"""``prunus export --runtime auto`` on a checkpoint with activation sparsity: the metadata is kept,
+the gated layers are planned on inputs with their zeros when the loader attaches the gates (the
+contract with prunus.activation, simulated here by tests/actgate.py), and a warning says so when
+it does not; the exported model, gates attached after its plan, computes what gate-then-dense does."""
+
+import pytest
+import torch
+from torch import nn
+
+from actgate import attach
+
+GATED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_llama
+    from prunus import export
+
+    model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
+    masks = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.endswith("mlp.up_proj"):
+            keep = torch.rand_like(m.weight) > 0.5
+            m.weight.data *= keep
+            masks[name] = keep
+    layers = {f"model.layers.{i}.{n}": {"threshold": 0.5, "sparsity": 0.38, "scale": "none"}
+              for i in range(2) for n in GATED}
+    meta = {"activation_sparsity": {"method": "teal", "target": 0.38, "layers": layers}}
+    ck = tmp_path / "ck"
+    export.save(model, ck, masks=masks, metadata=meta, tokenizer=tiny_tokenizer)
+    return ck, meta
+
+
+def _attach_from(model, meta):
+    for fqn, g in meta["activation_sparsity"]["layers"].items():
+        attach(model.get_submodule(fqn), g["threshold"], g["sparsity"], g["scale"])
+    return model
+
+
+def test_export_keeps_the_metadata_and_warns_without_gates(tmp_path, checkpoint):
+    from prunus.export import read_metadata
+    from prunus.kernels.runtime import export_runtime
+
+    ck, meta = checkpoint
+    lines = []
+    export_runtime(str(ck), str(tmp_path / "out"), runtime="dense", log=lines.append)
+    assert read_metadata(tmp_path / "out")["activation_sparsity"] == meta["activation_sparsity"]
+    assert any("no layer has a gate attached" in line for line in lines)
+
+
+def test_export_plans_gated_layers_and_the_model_computes_gate_then_dense(tmp_path, checkpoint, monkeypatch):
+    import prunus
+    from prunus import export
+    from prunus.kernels import runtime
+    from prunus.kernels.plans import PLAN_KEY, Plan
+
+    ck, meta = checkpoint
+    real = runtime.load_checkpoint
+    monkeypatch.setattr(runtime, "load_checkpoint", lambda path, **kw: _attach_from(real(path, **kw), meta))
+    lines = []
+    _, plan = runtime.export_runtime(str(ck), str(tmp_path / "out"), tokens=[1], margin=1e-9, threads=1,
+                                     log=lines.append)
+    gated = {layer.name: layer for layer in plan.layers if layer.input_sparsity}
+    assert set(gated) == set(meta["activation_sparsity"]["layers"])
+    assert all(layer.input_sparsity == 0.38 and any(t.kernel.startswith(("cpu_skip", "torch_skip"))
+                                                    for t in layer.timings) for layer in gated.values())
+    stored = export.read_metadata(tmp_path / "out")
+    assert stored["activation_sparsity"] == meta["activation_sparsity"] and Plan.from_dict(stored[PLAN_KEY]) == plan
+    assert not any("no layer has a gate" in line for line in lines)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        want = _attach_from(export.load(ck), meta)(input_ids=ids).logits
+        model = _attach_from(prunus.load(tmp_path / "out"), meta)  # the plan first, then the gates
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        out = model(input_ids=ids[:, :5], use_cache=True)  # prefill, then one decode step
+        step = model(input_ids=ids[:, 5:6], past_key_values=out.past_key_values).logits
+        torch.testing.assert_close(step[:, -1], want[:, 5], rtol=1e-4, atol=1e-4)
