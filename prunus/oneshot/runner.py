@@ -28,6 +28,7 @@ from prunus.core.finite import check_finite
 from prunus.core.targets import select
 from prunus.oneshot.quality import Quality, check_positions, summary
 from prunus.evaluate import uses_embeddings
+from prunus.oneshot.dtype import describe_dtype, quant_dtype, working_dtype
 
 Log = Callable[[str], None]
 
@@ -83,8 +84,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         if path:
             fsutil.check_out_file(path)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(job.model)
-    log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
+    model, tokenizer = load_model(job.model, dtype=working_dtype(job))
+    model = quant_dtype(job, model, log)
+    log(f"loaded {job.model} ({describe_dtype(model)}) in {time.perf_counter() - t0:.1f} s")
     check_finite(model, job.model)  # before any window is cut or any layer pruned
     if uses_embeddings(model):
         check_positions(model, job.seqlen)  # before the windows are cut
@@ -167,7 +169,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                     net.to(job.device)
             del net
     restore()  # the caller gets the dense model back (when a copy was kept)
-    return assemble(job, rows, saved)
+    out = assemble(job, rows, saved)
+    out["settings"]["working_dtype"] = describe_dtype(model)
+    return out
 
 
 def _structured(job: PruneJob, model: nn.Module, spec: SparsitySpec, name: str, role: str,
@@ -218,7 +222,7 @@ def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:
 def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:
     settings = {"model": job.model, "calib": job.calib, "eval": job.eval, "nsamples": job.nsamples,
                 "seqlen": job.seqlen, "windows": job.windows, "sentences": job.sentences, "seed": job.seed,
-                "device": job.device,
+                "device": job.device, "dtype": job.dtype,
                 "torch_threads": torch.get_num_threads(), "prunus_version": __version__}
     out: dict[str, Any] = {"settings": settings, "runs": rows, "checkpoint": saved}
     main = next((r for r in rows if r["role"] == "method"), None)
