@@ -213,7 +213,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from prunus.io.recipe import apply_override, load_recipe
     from prunus.oneshot.job import job_from_mapping
     from prunus.report import plot_prune, prune_table
-    from prunus.oneshot.runner import run_prune, write_json
+    from prunus.oneshot.runner import write_json
+    from prunus.oneshot.stream_run import run_job
 
     overrides = list(args.overrides)
     model = args.model
@@ -248,7 +249,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         d["steps"] = st
     d["progress"] = not args.quiet
     job = job_from_mapping(d)
-    result = run_prune(job, log=lambda s: print(s, file=sys.stderr))
+    result = run_job(job, log=lambda s: print(s, file=sys.stderr))
     print(prune_table(result["runs"]))
     if job.json:
         write_json(result, job.json)

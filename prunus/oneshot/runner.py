@@ -100,6 +100,13 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         for spec in job.specs:
             check_dense_export(model, spec)  # before any work: BERT heads are per-layer entries
     targets = select(model, job.include, job.exclude)
+    if job.out:  # room for the output, before any pruning
+        from prunus.export.tensors import unique_state
+        from prunus.oneshot.disk import check_disk, estimate_bytes
+
+        check_disk(job.out, estimate_bytes(((k, tuple(t.shape), t.dtype) for k, t in unique_state(model)[0].items()),
+                                           {f"{t.name}.weight": float(job.specs[0].sparsity) for t in targets},
+                                           job.format))
     n_runs = len(job.specs) * (len(job.methods) + sum(b in job.baselines and b not in job.methods
                                                       for b in ("magnitude", "random")))
     # only the targeted weights change; keep a copy only when a later run needs the dense model
