@@ -87,7 +87,12 @@ def test_streamed_is_bit_identical(method, spec, extra, tmp_path, sharded, text_
     _same_checkpoints(tmp_path / "memory", tmp_path / "stream")
 
 
-def test_streamed_bf16_and_dense_format(tmp_path, sharded_bf16, text_files, one_thread):
+@pytest.mark.parametrize("shard", [None, 100_000])
+def test_streamed_bf16_and_dense_format(shard, tmp_path, sharded_bf16, text_files, monkeypatch, one_thread):
+    import prunus.export.writer as writer
+
+    if shard:
+        monkeypatch.setattr(writer, "DENSE_SHARD_BYTES", shard)
     calib, ev = text_files
     res = {}
     for load in ("memory", "stream"):
@@ -100,7 +105,8 @@ def test_streamed_bf16_and_dense_format(tmp_path, sharded_bf16, text_files, one_
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
     assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
-    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file() == bool(shard)
+    assert (tmp_path / "stream" / "model.safetensors").is_file() != bool(shard)
     assert torch.equal(plain.model.layers[2].mlp.up_proj.weight,
                        prunus.load(tmp_path / "memory").model.layers[2].mlp.up_proj.weight)
 

@@ -8,8 +8,8 @@ On it, :func:`stream_writer` gives the writer of a format, with the same layout 
 :func:`prunus.load`, ``load_masks`` and, for dense, plain ``from_pretrained`` read the result:
 
     compressed  every tensor encoded as ``compressed.save`` encodes it, into one ``model.safetensors``
-    dense       one shard per part (``model-0000k-of-0000n.safetensors`` + the index), the packed masks
-                in ``masks.safetensors``
+    dense       ``model.safetensors`` (shards ``model-0000k-of-0000n.safetensors`` and their index past
+                5 GiB, as ``save_pretrained``), the packed masks in ``masks.safetensors``
 
 A writer writes into a folder it is given: the caller wraps the whole streamed run in
 :func:`prunus.io.fsutil.atomic_dir`, so the checkpoint is complete or absent.
@@ -33,6 +33,7 @@ from prunus.export.tensors import (_ST_DTYPES, dense_safetensors_bytes, dtype_na
                                    save_extras, sha256_tensor)
 
 FORMATS = ("compressed", "dense")
+DENSE_SHARD_BYTES = 5 * 2**30  # save_pretrained's default shard size
 
 
 class SafetensorsWriter:
@@ -117,35 +118,31 @@ class CompressedWriter:
 
 
 class DenseWriter:
-    """The dense format, streamed: one ``save_pretrained``-style shard per part, plus the masks."""
+    """The dense format, streamed: ``model.safetensors`` as ``save_pretrained`` writes it (shards of
+    ``max_shard`` bytes and their index past that size), plus the packed masks."""
 
     NAME = "dense"
 
-    def __init__(self, folder: Path, n_parts: int) -> None:
-        self.folder, self.n_parts = Path(folder), n_parts
-        self.part = 0
-        self.weight_map: dict[str, str] = {}
+    def __init__(self, folder: Path, n_keys: int, max_shard: int | None = None) -> None:
+        self.folder, self.n_keys = Path(folder), n_keys
+        self.max_shard = DENSE_SHARD_BYTES if max_shard is None else max_shard
+        self.shards: list[SafetensorsWriter] = []
         self.masks_layout: dict[str, Any] = {}
-        self.masks = SafetensorsWriter(self.folder / "masks.safetensors.part", reserve=(1 << 16) + 512 * 8 * n_parts)
+        self.masks = SafetensorsWriter(self.folder / "masks.safetensors.part", reserve=(1 << 13) + 256 * n_keys)
         self.dense: dict[str, Tensor] = {}
         self.counts: dict[torch.dtype, int] = {}
-        self.total = 0
 
     def add(self, model: nn.Module, state: Mapping[str, Tensor], masks: Mapping[str, Tensor],
             tied: Mapping[str, str]) -> None:
-        from safetensors.torch import save_file
-
-        self.part += 1
-        name = f"model-{self.part:05d}-of-{self.n_parts:05d}.safetensors"
-        tensors = {k: t.detach().to("cpu").contiguous() for k, t in state.items()}
-        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
-        for key, t in tensors.items():
-            self.weight_map[key] = name
-            self.total += t.numel() * t.element_size()
+        for key, t in state.items():
+            if not self.shards or self.shards[-1].offset >= self.max_shard:
+                part = self.folder / f"shard-{len(self.shards) + 1}.safetensors.part"
+                self.shards.append(SafetensorsWriter(part, reserve=(1 << 13) + 256 * self.n_keys))
+            self.shards[-1].add(key, t)
             self.dense[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
             if t.is_floating_point():
                 self.counts[t.dtype] = self.counts.get(t.dtype, 0) + t.numel()
-        for key, m in resolve_masks(model, tensors, tied, masks).items():
+        for key, m in resolve_masks(model, state, tied, masks).items():
             self.masks.add(key, pack(m.mask))
             self.masks_layout[key] = {"shape": list(m.mask.shape), **m.layout()}
 
@@ -153,8 +150,16 @@ class DenseWriter:
         from prunus.export.formats.dense import MASKS_FILE
 
         dtype = max(self.counts, key=self.counts.__getitem__) if self.counts else None
-        (self.folder / f"{WEIGHTS}.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2, sort_keys=True) + "\n")
+        n, weight_map = len(self.shards), {}
+        for i, w in enumerate(self.shards, 1):
+            w.close({"format": "pt"})
+            name = WEIGHTS if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(w.file, self.folder / name)
+            weight_map.update({k: name for k in w.entries})
+        if n > 1:
+            total = sum(w.offset for w in self.shards)
+            (self.folder / f"{WEIGHTS}.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
         self.masks.close({"format": "pt", "prunus.format": "masks"})
         part = self.folder / "masks.safetensors.part"
         if self.masks_layout:
@@ -171,10 +176,10 @@ class DenseWriter:
         return dense_safetensors_bytes(self.dense)
 
 
-def stream_writer(fmt: str, folder: Path, *, n_keys: int, n_parts: int) -> Any:
+def stream_writer(fmt: str, folder: Path, *, n_keys: int) -> Any:
     """The streaming writer of format ``fmt`` (one of :data:`FORMATS`) into ``folder``."""
     if fmt == "compressed":
         return CompressedWriter(folder, n_keys)
     if fmt == "dense":
-        return DenseWriter(folder, n_parts)
+        return DenseWriter(folder, n_keys)
     raise ValueError(f"format {fmt!r} cannot be streamed; stream formats: {', '.join(FORMATS)}")

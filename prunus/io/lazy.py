@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from prunus.core.finite import check_finite
+from prunus.core.finite import check_finite, refuse_nonfinite
 from prunus.core.units import find_blocks
 from prunus.errors import ModelError
 from prunus.io.dtypes import check_half_range, stored_dtype
@@ -193,9 +193,18 @@ class LazyModel:
             else:
                 mod._buffers[leaf] = value
 
-    def scan_half_range(self) -> None:
-        """Before any work, when float16 is asked of a wider checkpoint: every tensor read once and
-        checked against float16's range (one tensor in memory at a time)."""
+    def scan(self, what: str) -> None:
+        """Every tensor read once, before any work (one in memory at a time): NaN/Inf anywhere is
+        refused as :func:`~prunus.core.finite.check_finite` refuses it, and so is, when the working
+        dtype is float16 and the checkpoint's is not, a weight beyond float16's range."""
+        half = self.dtype == torch.float16
+        bad = []
         for ref in self.refs:
-            if self.index.dtype(ref.key) not in (torch.float16,) and self.index.dtype(ref.key).is_floating_point:
-                check_half_range([(ref.names[0], self.index.read(ref.key))], str(self.folder))
+            t = self.index.read(ref.key)
+            if t.is_floating_point():
+                n = int((~torch.isfinite(t)).sum())
+                if n:
+                    bad.append((ref.names[0], n))
+                elif half and t.dtype != torch.float16:
+                    check_half_range([(ref.names[0], t)], what)
+        refuse_nonfinite(bad, what)

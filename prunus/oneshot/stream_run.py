@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 from prunus.core.masks import check_divisible
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import select
@@ -141,8 +139,7 @@ def run_streamed(job: PruneJob, lazy: LazyModel, log: Log = print) -> dict[str, 
     for path in (job.json, job.plot):
         if path:
             fsutil.check_out_file(path)
-    if lazy.dtype == torch.float16 and lazy.stored != torch.float16:
-        lazy.scan_half_range()
+    lazy.scan(job.model)  # NaN/Inf anywhere, float16 overflow: refused before any work
     model = lazy.model
     targets = select(model, job.include, job.exclude)
     for spec in job.specs:
@@ -223,7 +220,7 @@ def _saved_pass(job: PruneJob, lazy: LazyModel, targets: Any, plan: Any, spec: S
     from prunus.io.fsutil import atomic_dir
 
     with atomic_dir(job.out, overwrite=job.overwrite) as tmp:
-        writer = stream_writer(job.format, tmp, n_keys=len(lazy.refs), n_parts=len(lazy.blocks) + 1)
+        writer = stream_writer(job.format, tmp, n_keys=len(lazy.refs))
         res, scores = _pass(job, lazy, targets, plan, calib, windows, writer)
         dense_bytes = writer.finish(lazy.model, provenance(job, spec, res, scores), tokenizer, lazy.tied())
     out = Path(job.out)
