@@ -49,6 +49,10 @@ def test_auto_keeps_the_checkpoints_dtype(bf16_dir, tiny_llama_dir):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model, _ = load_model(str(bf16_dir), dtype=torch.float32)  # the explicit dtype wins
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model, _ = load_model(str(tiny_llama_dir), dtype=torch.bfloat16)  # cast as from_pretrained casts:
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the computed rotary
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32     # frequencies stay float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight    # and tied weights stay tied
 
 
 def test_statistics_accumulate_in_float32():

@@ -74,6 +74,7 @@ def _rows(result):
     ("magnitude", "50%", {"baselines": ["dense", "random"]}),
     ("sparsegpt", "50%", {"reconstruct": {"epochs": 1}, "baselines": ["dense"]}),
     ("wanda", "2:4", {"refine": "dsnot", "calib_batch_size": 2, "eval_batch_size": 2, "baselines": []}),
+    ("sparsegpt", "2:4", {"dtype": "bfloat16", "baselines": ["dense"]}),  # cast on load, as from_pretrained
 ])
 def test_streamed_is_bit_identical(method, spec, extra, tmp_path, sharded, text_files, one_thread):
     calib, ev = text_files

@@ -102,3 +102,20 @@ def stored_dtype(files: Iterable[Path]) -> Optional[torch.dtype]:
             dt = _ST_FLOATS[info["dtype"]]
             count[dt] = count.get(dt, 0) + n
     return max(count, key=count.__getitem__) if count else None
+
+
+def cast_model(model, dtype: Optional[torch.dtype]) -> None:  # noqa: ANN001  (an nn.Module)
+    """Cast ``model``'s floating parameters and persistent buffers to ``dtype`` in place, as
+    ``from_pretrained(dtype=...)`` does: buffers a model computes itself (rotary frequencies) keep
+    their own dtype (``model.to(dtype)`` would round them to bf16, and change the model). None: as is."""
+    if dtype is None:
+        return
+    persistent = set(model.state_dict().keys())
+    for fqn, mod in model.named_modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # the same Parameter: tied weights stay tied
+        for name, b in mod._buffers.items():
+            key = f"{fqn}.{name}" if fqn else name
+            if b is not None and b.is_floating_point() and b.dtype != dtype and key in persistent:
+                mod._buffers[name] = b.to(dtype)

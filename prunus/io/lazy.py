@@ -87,13 +87,16 @@ class LazyModel:
         self.stored = config_dtype(config) or stored_dtype(self.index.files()) or torch.float32
         self.dtype = dtype or self.stored
         self.device = torch.device(device)
-        with _empty_weights():
-            model = arch.build(config, dtype=self.dtype)
-        model.tie_weights()
+        try:
+            with _empty_weights():
+                model = arch.build(config, dtype=self.dtype)
+            model.tie_weights()
+            self.prefix, self.blocks = find_blocks(model)
+        except Exception as e:  # an architecture that cannot be built empty, or has no blocks
+            raise NotStreamable(f"the model cannot be built without its weights ({str(e).strip().splitlines()[0]})") from None
         model.eval()
         model.requires_grad_(False)
         self.model = model
-        self.prefix, self.blocks = find_blocks(model)
         self.refs = self._refs()
 
     def _refs(self) -> list[Tensorref]:

@@ -89,9 +89,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype | None = torch.float32
         raise ModelError(f"unknown runtime {runtime!r}; choose auto or dense")
     check_device(device)
     text = os.fspath(source)
-    want = dtype
-    if dtype == torch.float16:
-        dtype = None  # loaded as stored, checked against float16's range, then cast
+    want, dtype = dtype, None if dtype == torch.float16 else dtype  # float16: as stored, checked, cast
     if isinstance(source, str) and ALIASES.get(text.lower()) == MINILM:
         model, tok = _load_folder(_minilm_folder(), dtype)
     elif isinstance(source, str) and text.lower() in ALIASES:
@@ -112,7 +110,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype | None = torch.float32
             model, tok = _load_hub(text, dtype)
     if want == torch.float16:
         from prunus.io.dtypes import check_half_range
-        check_half_range(list(model.named_parameters()) + list(model.named_buffers()), text)
+        check_half_range([*model.named_parameters(), *model.named_buffers()], text)
     return _finish(model, want, device), tok
 
 
@@ -181,7 +179,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 
 def _finish(model: nn.Module, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    from prunus.io.dtypes import cast_model
+    cast_model(model, dtype)  # as from_pretrained casts: rotary buffers keep float32
+    model = model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model
