@@ -60,6 +60,9 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--baselines", help="comma-separated subset of dense,magnitude,random (default all)")
     p.add_argument("--no-baselines", action="store_true", help="run only the method(s)")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="evaluation windows per forward")
+    p.add_argument("--dtype", help="working dtype: auto (the checkpoint's, default), float32, bfloat16, float16")
+    p.add_argument("--load", help="stream (block by block from the safetensors shards; the default for "
+                                  "folders and hub ids), memory, or auto")
     p.add_argument("--calib-batch-size", type=int, help="calibration windows per chunk (default: all)")
 
 
@@ -203,14 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PRUNE_KEYS = ("method", "sparsity", "allocation", "refine", "calib", "nsamples", "seqlen", "eval",
                "windows", "sentences", "include", "exclude", "out", "format", "overwrite", "json", "plot",
-               "device", "seed", "baselines", "eval_batch_size", "calib_batch_size")
+               "device", "seed", "baselines", "eval_batch_size", "calib_batch_size", "dtype", "load")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from prunus.io.recipe import apply_override, load_recipe
     from prunus.oneshot.job import job_from_mapping
     from prunus.report import plot_prune, prune_table
-    from prunus.oneshot.runner import run_prune, write_json
+    from prunus.oneshot.runner import write_json
+    from prunus.oneshot.stream_run import run_job
 
     overrides = list(args.overrides)
     model = args.model
@@ -245,7 +249,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         d["steps"] = st
     d["progress"] = not args.quiet
     job = job_from_mapping(d)
-    result = run_prune(job, log=lambda s: print(s, file=sys.stderr))
+    result = run_job(job, log=lambda s: print(s, file=sys.stderr))
     print(prune_table(result["runs"]))
     if job.json:
         write_json(result, job.json)

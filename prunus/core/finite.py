@@ -28,7 +28,11 @@ def nonfinite_tensors(model: nn.Module) -> list[tuple[str, int]]:
 
 def check_finite(model: nn.Module, what: str = "the model") -> None:
     """Raise a one-line :class:`ModelError` naming the tensors of ``model`` that hold NaN or Inf."""
-    bad = nonfinite_tensors(model)
+    refuse_nonfinite(nonfinite_tensors(model), what)
+
+
+def refuse_nonfinite(bad: list[tuple[str, int]], what: str) -> None:
+    """The ModelError of :func:`check_finite` for ``(name, count)`` pairs (nothing when empty)."""
     if bad:
         names = ", ".join(f"{n} ({c})" for n, c in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ModelError(f"{what}: {names} hold(s) NaN/Inf values; prunus will not prune or evaluate it")

@@ -56,7 +56,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
+def load_model(source: ModelSource, *, dtype: torch.dtype | None = torch.float32,
                device: str | torch.device = "cpu", runtime: str = "dense") -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer, in eval mode with ``requires_grad`` off.
 
@@ -64,7 +64,8 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
         source: ``smollm2-135m`` / ``smollm2``; ``minilm``; a ``.gguf`` file; a folder
             (``save_pretrained`` with safetensors, one ``.gguf``, or a prunus checkpoint with
             ``prunus.json``); or a Hugging Face hub id.
-        dtype: parameter dtype of the returned model.
+        dtype: parameter dtype; None keeps the checkpoint's (GGUF: float32). float16 is refused,
+            naming the layer, where a weight would overflow it (:mod:`prunus.io.dtypes`).
         device: where the returned model lives.
         runtime: for a prunus checkpoint with a stored kernel plan, ``dense`` (the default: every
             layer an ``nn.Linear``, what pruning and benchmarking need) or ``auto`` (the planned
@@ -88,6 +89,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
         raise ModelError(f"unknown runtime {runtime!r}; choose auto or dense")
     check_device(device)
     text = os.fspath(source)
+    want, dtype = dtype, None if dtype == torch.float16 else dtype  # float16: as stored, checked, cast
     if isinstance(source, str) and ALIASES.get(text.lower()) == MINILM:
         model, tok = _load_folder(_minilm_folder(), dtype)
     elif isinstance(source, str) and text.lower() in ALIASES:
@@ -106,7 +108,10 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
             raise ModelError(f"model path {text} does not exist")
         else:
             model, tok = _load_hub(text, dtype)
-    return _finish(model, dtype, device), tok
+    if want == torch.float16:
+        from prunus.io.dtypes import check_half_range
+        check_half_range([*model.named_parameters(), *model.named_buffers()], text)
+    return _finish(model, want, device), tok
 
 
 def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
@@ -173,8 +178,10 @@ def describe(model: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _finish(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    model = model.to(device=device, dtype=dtype)
+def _finish(model: nn.Module, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
+    from prunus.io.dtypes import cast_model
+    cast_model(model, dtype)  # as from_pretrained casts: rotary buffers keep float32
+    model = model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -213,7 +220,7 @@ def _offline() -> Iterator[None]:
         os.environ.pop("HF_HUB_OFFLINE", None)
 
 
-def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+def _from_pretrained(where: str | Path, dtype: torch.dtype | None, **kwargs: Any) -> nn.Module:
     """The class the config names (``BertModel``), else a causal LM if the config has one, else the
     base model (:func:`prunus.export.arch.model_class`); safetensors or GGUF only."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -223,6 +230,7 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, **kwargs: Any) -> nn
     cls = AutoModelForCausalLM
     if "gguf_file" not in kwargs:
         cls = model_class(AutoConfig.from_pretrained(where, local_files_only=kwargs.get("local_files_only", False)))
+    dtype = dtype if dtype is not None else "auto"  # type: ignore[assignment]  # the stored dtype
     with quiet_loading():
         try:
             model, info = cls.from_pretrained(where, dtype=dtype, output_loading_info=True, **kwargs)

@@ -32,9 +32,10 @@ BERT-family encoders (``BertModel``, ``BertForMaskedLM``: bidirectional, no KV c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,16 @@ from prunus.core.units import find_blocks  # noqa: F401  (re-exported: the loop'
 OnLayer = Callable[[Target, LayerStats], None]
 # after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
 AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]], None]
+
+
+class Residency(Protocol):
+    """Where a model's weights are while :func:`run_blockwise` runs, when not all in memory."""
+
+    def capturing(self) -> ContextManager[Any]: ...
+
+    def enter(self, index: int, block: nn.Module) -> None: ...
+
+    def leave(self, index: int, block: nn.Module) -> None: ...
 
 
 @dataclass
@@ -204,7 +215,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
                   on_layer: Optional[OnLayer], *, device: str | torch.device = "cpu",
                   batch_size: Optional[int] = None, seed: int = 0, progress: bool = True,
                   desc: str = "calibrate", after_block: Optional[AfterBlock] = None,
-                  dense_stream: bool = True) -> None:
+                  dense_stream: bool = True, residency: Optional["Residency"] = None) -> list[Tensor]:
     """Run ``windows`` (n, seqlen) through the model block by block, calling ``on_layer`` per target.
 
     Args:
@@ -224,6 +235,13 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             then recomputed.
         dense_stream: keep the dense stream for ``after_block`` (False: it gets None for the dense
             outputs, and each block runs once less).
+        residency: where the weights live when they are not all in memory (streaming,
+            :mod:`prunus.oneshot.stream`): ``capturing()`` wraps the capture of block 0's inputs,
+            ``enter(i, block)`` brings block i's weights in before it runs, ``leave(i, block)`` is
+            called once its outputs are computed (and it may free them). None: the model is in memory.
+
+    Returns:
+        The last block's outputs, per chunk.
     """
     device = torch.device(device)
     prefix, blocks = find_blocks(model)
@@ -237,16 +255,19 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
 
     batch_size = batch_size or windows.shape[0]
     home = next(model.parameters()).device
-    if device.type != "cpu":
+    if device.type != "cpu" and residency is None:
         model.to(device)  # non-block parts go to the device for the capture; blocks follow one at a time
         blocks.to("cpu")
-    chunks = capture_inputs(model, blocks, windows, batch_size, device)
+    with residency.capturing() if residency is not None else contextlib.nullcontext():
+        chunks = capture_inputs(model, blocks, windows, batch_size, device)
     in_flight = len(chunks) == 1
     # the dense model's hidden states, per chunk, when a statistic compares against them
     want_inputs = bool(needs & DENSE_STATS) and on_layer is not None
     dense = [c.hidden for c in chunks] if (want_inputs or (after_block is not None and dense_stream)) else None
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False)
     for i in bar:
+        if residency is not None:
+            residency.enter(i, blocks[i])
         block = blocks[i].to(device)
         mine = by_block.get(i, [])
         col = _Collector(mine, needs, seed, on_layer)
@@ -258,7 +279,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
                 col.attach(in_flight=True)
                 outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
             else:
-                for k, c in enumerate(chunks):
+                for k, c in enumerate(chunks if mine or dense is not None else ()):  # else nothing to collect
                     if dense is not None:
                         col.dense_inputs, dense[k] = _dense_pass(block, mine if want_inputs else [],
                                                                  c, dense[k])
@@ -281,7 +302,12 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         for c, o in zip(chunks, outs):
             c.hidden = o
-        if device.type != "cpu":
+        if residency is not None:
+            residency.leave(i, block)
+        elif device.type != "cpu":
             blocks[i].to("cpu")
+    outs = [c.hidden for c in chunks]
     del chunks
-    model.to(home)
+    if residency is None:
+        model.to(home)
+    return outs

@@ -64,6 +64,8 @@ class PruneJob:
     calib_batch_size: Optional[int] = option(None, min=1)
     seed: int = option(0, min=0)
     device: str = "cpu"
+    dtype: str = "auto"  # the working dtype: auto (the checkpoint's), float32, bfloat16, float16
+    load: str = "auto"  # stream (block by block from the shards), memory, or auto (stream where it can)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     baselines: tuple[str, ...] = BASELINES
@@ -168,6 +170,7 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     for k in _INT_FIELDS | {"out", "json", "plot", "calib", "eval", "refine", "device", "format", "model"}:
         if k in d:
             d[k] = coerce(d[k], hints[k], k)
+    _dtype_and_load(d, specs)
     if d.get("device") is not None:
         check_device(d["device"])  # cuda without CUDA, tpu9: refused before the model is loaded
     for k in ("out", "json", "plot"):
@@ -195,6 +198,23 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
     return PruneJob(methods=methods, specs=specs, baselines=bl, method_options=tuple(method_options),
                     refine_options=refine_options, allocation_options=allocation_options, steps=steps,
                     structure_method=structure_method, structure_options=structure_options, **d)
+
+
+LOADS = ("auto", "stream", "memory")
+
+
+def _dtype_and_load(d: dict, specs: tuple[SparsitySpec, ...]) -> None:
+    """``dtype`` to its canonical name (a quant spec needs float32: its grid is not bf16's), ``load``
+    checked."""
+    from prunus.io.dtypes import dtype_choice
+
+    d["dtype"] = dtype_choice(coerce(d.get("dtype", "auto"), str, "dtype"))
+    if d["dtype"] in ("bfloat16", "float16") and any(s.quant is not None for s in specs):
+        raise SpecError(f"+int8/+int4 specs store weights on an integer grid that {d['dtype']} cannot hold "
+                        f"exactly: use --dtype float32 (or auto on a float32 checkpoint)")
+    d["load"] = str(coerce(d.get("load", "auto"), str, "load")).strip().lower()
+    if d["load"] not in LOADS:
+        raise SpecError(f"unknown load {d['load']!r}; choose {' | '.join(LOADS)}")
 
 
 def _structure(d: dict, specs: tuple[SparsitySpec, ...], methods: tuple[str, ...]) -> tuple[Optional[str], Any]:

@@ -113,17 +113,15 @@ def _rounding_tolerance(spec: SparsitySpec, shape: tuple[int, int]) -> float:
     return 1.0 / in_f + 1e-9
 
 
-def _check(result_layers: list[LayerReport], spec: SparsitySpec, masks: dict[str, Tensor],
+def _check(result_layers: list[LayerReport], spec: SparsitySpec, mask_sparsity: dict[str, float],
            budgets: dict[str, float]) -> float:
     """Fail loudly when a layer misses its budget or breaks the pattern (Wanda's check_sparsity)."""
     total = zeros = 0
     for l in result_layers:
         if l.violations:
             raise SparsityCheckError(f"layer {l.name}: {l.violations} groups break {spec.pattern}")
-        keep = masks[l.name]
-        mask_sparsity = 1.0 - float(keep.sum()) / keep.numel()
         tol = _rounding_tolerance(spec, l.shape)
-        if abs(mask_sparsity - budgets[l.name]) > tol or l.achieved + 1e-9 < mask_sparsity:
+        if abs(mask_sparsity[l.name] - budgets[l.name]) > tol or l.achieved + 1e-9 < mask_sparsity[l.name]:
             raise SparsityCheckError(
                 f"layer {l.name}: achieved sparsity {l.achieved:.4f} does not meet its budget "
                 f"{budgets[l.name]:.4f}")
@@ -190,8 +188,12 @@ def prune(model: nn.Module, spec: SparsitySpec, method: str = "wanda", calib: Op
 
 def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, calib: Optional[Tensor], *,
                   device: str = "cpu", batch_size: Optional[int] = None, seed: int = 0,
-                  progress: bool = True) -> PruneResult:
-    """Prune the given targets of ``model`` in place by a resolved :class:`PrunePlan`."""
+                  progress: bool = True, residency: Any = None) -> PruneResult:
+    """Prune the given targets of ``model`` in place by a resolved :class:`PrunePlan`.
+
+    ``residency`` (streaming, :class:`prunus.oneshot.stream.Streamer`): the weights are brought in
+    block by block (``enter``) and handed over once the block is pruned (``leave(i, block, masks)``,
+    the block's masks then leave the result); None: the model is in memory."""
     t0 = time.perf_counter()
     spec, meth, ref = plan.spec, plan.method, plan.refiner
     quant = spec.quant
@@ -247,19 +249,33 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
                 quantized[t.name] = qw = rtn(w.float(), masks[t.name].to(w.device), quant, t.name)
                 t.set(qw.dequantize().to(w.dtype))
 
+    reports: dict[str, LayerReport] = {}
+    mask_sparsity: dict[str, float] = {}
+
+    def report(t: Target) -> None:
+        w, keep = t.get(), masks[t.name]
+        reports[t.name] = LayerReport(t.name, t.shape, budget[t.name], sparsity_of(w),
+                                      pattern_violations(w, spec.pattern))
+        mask_sparsity[t.name] = 1.0 - float(keep.sum()) / keep.numel()
+
+    stream = None if residency is None else _Handover(residency, model, targets, masks, quantized, report)
     if plan.needs or plan.steps:
         run_blockwise(model, calib, targets, plan.needs, prune_layer, device=device, batch_size=batch_size,
-                      seed=seed, progress=progress, desc=f"{meth.name} {spec}", after_block=after)
+                      seed=seed, progress=progress, desc=f"{meth.name} {spec}", after_block=after,
+                      residency=stream)
+    elif stream is not None:
+        stream.weights_only(lambda t: prune_layer(t, weight_only_stats(t.name, seed)))
     else:
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{meth.name} {spec}", unit="layer", disable=not progress,
                           leave=False):
                 prune_layer(t, weight_only_stats(t.name, seed))
 
-    layers = [LayerReport(t.name, t.shape, budget[t.name], sparsity_of(t.get()),
-                          pattern_violations(t.get(), spec.pattern)) for t in targets]
-    achieved = _check(layers, spec, masks, budget)
-    if quant is not None:
+    for t in targets if stream is None else ():
+        report(t)
+    layers = [reports[t.name] for t in targets]
+    achieved = _check(layers, spec, mask_sparsity, budget)
+    if quant is not None and stream is None:
         _check_quant(targets, masks, quantized, spec)
         solver = None
         if meth.quantizes and calib is not None:
@@ -269,3 +285,44 @@ def prune_targets(model: nn.Module, targets: Sequence[Target], plan: PrunePlan, 
                                              batch_size=batch_size, device=device))
     return PruneResult(spec, meth.name, ref.name if ref else None, masks, layers, achieved,
                        time.perf_counter() - t0, budget, label=plan.label, quant=quantized)
+
+
+class _Handover:
+    """The calibration loop's residency over a streaming one: each block's layer reports are taken,
+    and its masks handed to ``outer.leave``, before the block's weights go."""
+
+    def __init__(self, outer: Any, model: nn.Module, targets: Sequence[Target], masks: dict[str, Tensor],
+                 quantized: dict[str, QuantizedWeight], report: Any) -> None:
+        self.outer, self.masks, self.quantized, self.report = outer, masks, quantized, report
+        self.prefix, self.blocks = find_blocks(model)
+        self.by_block: dict[int, list[Target]] = {}
+        for t in targets:
+            b = block_index(self.prefix, t.name)
+            if b is None:
+                raise ModelError(f"layer {t.name} is outside the transformer blocks ({self.prefix}.*), "
+                                 f"which streaming does not prune: exclude it or use --load memory")
+            self.by_block.setdefault(b, []).append(t)
+
+    def capturing(self) -> Any:
+        return self.outer.capturing()
+
+    def enter(self, index: int, block: nn.Module) -> None:
+        self.outer.enter(index, block)
+
+    def leave(self, index: int, block: nn.Module) -> None:
+        mine = self.by_block.get(index, [])
+        for t in mine:
+            self.report(t)
+        self.outer.leave(index, block, {t.name: self.masks.pop(t.name) for t in mine},
+                         {t.name: self.quantized.pop(t.name) for t in mine if t.name in self.quantized})
+
+    def weights_only(self, prune_layer: Any) -> None:
+        """Methods without calibration: block by block, each block's layers pruned from its weights."""
+        with self.capturing():
+            pass
+        for i, block in enumerate(self.blocks):
+            self.enter(i, block)
+            with torch.no_grad():
+                for t in self.by_block.get(i, []):
+                    prune_layer(t)
+            self.leave(i, block)

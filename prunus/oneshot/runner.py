@@ -28,6 +28,7 @@ from prunus.core.finite import check_finite
 from prunus.core.targets import select
 from prunus.oneshot.quality import Quality, check_positions, summary
 from prunus.evaluate import uses_embeddings
+from prunus.oneshot.dtype import describe_dtype, quant_dtype, working_dtype
 
 Log = Callable[[str], None]
 
@@ -83,8 +84,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         if path:
             fsutil.check_out_file(path)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(job.model)
-    log(f"loaded {job.model} in {time.perf_counter() - t0:.1f} s")
+    model, tokenizer = load_model(job.model, dtype=working_dtype(job))
+    model = quant_dtype(job, model, log)
+    log(f"loaded {job.model} ({describe_dtype(model)}) in {time.perf_counter() - t0:.1f} s")
     check_finite(model, job.model)  # before any window is cut or any layer pruned
     if uses_embeddings(model):
         check_positions(model, job.seqlen)  # before the windows are cut
@@ -98,6 +100,13 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
         for spec in job.specs:
             check_dense_export(model, spec)  # before any work: BERT heads are per-layer entries
     targets = select(model, job.include, job.exclude)
+    if job.out:  # room for the output, before any pruning
+        from prunus.export.tensors import unique_state
+        from prunus.oneshot.disk import check_disk, estimate_bytes
+
+        check_disk(job.out, estimate_bytes(((k, tuple(t.shape), t.dtype) for k, t in unique_state(model)[0].items()),
+                                           {f"{t.name}.weight": float(job.specs[0].sparsity) for t in targets},
+                                           job.format))
     n_runs = len(job.specs) * (len(job.methods) + sum(b in job.baselines and b not in job.methods
                                                       for b in ("magnitude", "random")))
     # only the targeted weights change; keep a copy only when a later run needs the dense model
@@ -167,7 +176,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
                     net.to(job.device)
             del net
     restore()  # the caller gets the dense model back (when a copy was kept)
-    return assemble(job, rows, saved)
+    out = assemble(job, rows, saved)
+    out["settings"]["working_dtype"] = describe_dtype(model)
+    return out
 
 
 def _structured(job: PruneJob, model: nn.Module, spec: SparsitySpec, name: str, role: str,
@@ -218,7 +229,7 @@ def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:
 def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:
     settings = {"model": job.model, "calib": job.calib, "eval": job.eval, "nsamples": job.nsamples,
                 "seqlen": job.seqlen, "windows": job.windows, "sentences": job.sentences, "seed": job.seed,
-                "device": job.device,
+                "device": job.device, "dtype": job.dtype,
                 "torch_threads": torch.get_num_threads(), "prunus_version": __version__}
     out: dict[str, Any] = {"settings": settings, "runs": rows, "checkpoint": saved}
     main = next((r for r in rows if r["role"] == "method"), None)

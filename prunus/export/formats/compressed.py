@@ -130,45 +130,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
     encodings: dict[str, str] = {}
     qkeys = _quant_keys(state, tied, quant)
     for key, t in state.items():
-        info: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-        coding = None
-        if key in qkeys:
-            qw, masked = qkeys[key], key in key_masks
-            transposed = t.dim() == 2 and tuple(qw.codes.shape) != tuple(t.shape)
-            w = qw.dequantize().to(t.dtype)
-            if not torch.equal(w.t() if transposed else w, t.detach().cpu()):
-                raise CheckpointError(f"{key}: the weight is not its quantized codes dequantized "
-                                      f"({qw.quant}); save the model the pipeline quantized")
-            tensors.update({key + sfx: p for sfx, p in qcodec.encode_quant(qw, masked).items()})
-            info.update(encoding=qcodec.ENCODING, quant=str(qw.quant), masked=masked,
-                        transposed=transposed, **(key_masks[key].layout() if masked else {}))
-            encodings[key] = qcodec.ENCODING
-        elif key in key_masks:
-            enc, parts = encode(t, key_masks[key].mask)
-            coding = _put(tensors, key + VALUES, parts.pop(VALUES), code_values)
-            tensors.update({key + suffix: p for suffix, p in parts.items()})
-            info.update(encoding=enc, **key_masks[key].layout())
+        layout[key], enc = encode_entry(tensors, key, t, key_masks.get(key), qkeys.get(key), code_values)
+        if enc != "dense":
             encodings[key] = enc
-        else:
-            coding = _put(tensors, key, t, code_values)
-            info["encoding"] = "dense"
-        if coding is not None:
-            info["coding"] = coding
-        layout[key] = info
 
     cfg = plain_config(model, dtype)
-    manifest = {
-        "format": NAME, "format_version": FORMAT_VERSION,
-        "architecture": type(model).__name__ if cfg is not None else None,
-        "dtype": dtype_name(dtype) if dtype is not None else None,
-        "metadata": meta, "tensors": layout, "tied": tied,
-    }
-    text = json.dumps(manifest, sort_keys=True)
-    header = {
-        "format": "pt", H_FORMAT: NAME, H_MANIFEST: text,
-        H_MANIFEST_SHA: hashlib.sha256(text.encode()).hexdigest(),
-        H_SHA: json.dumps({k: sha256_tensor(v) for k, v in tensors.items()}, sort_keys=True),
-    }
+    manifest = make_manifest(model if cfg is not None else None, dtype, meta, layout, tied)
+    header = make_header(manifest, {k: sha256_tensor(v) for k, v in tensors.items()})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=header)
         if cfg is not None:
@@ -178,6 +146,52 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, masks: Mapping[str, 
     return ExportInfo(path=out, format=NAME, bytes=(out / WEIGHTS).stat().st_size,
                       dense_bytes=dense_safetensors_bytes(state), total_bytes=folder_bytes(out),
                       encodings=encodings)
+
+
+def encode_entry(tensors: dict[str, Tensor], key: str, t: Tensor, mask: Any, qw: Any,
+                 code_values: bool) -> tuple[dict[str, Any], str]:
+    """Store the state tensor ``key`` into ``tensors`` (quantized codes, a masked weight's encoding,
+    or dense; floats coded where smaller); returns its manifest entry and its encoding."""
+    info: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+    coding = None
+    if qw is not None:
+        masked = mask is not None
+        transposed = t.dim() == 2 and tuple(qw.codes.shape) != tuple(t.shape)
+        w = qw.dequantize().to(t.dtype)
+        if not torch.equal(w.t() if transposed else w, t.detach().cpu()):
+            raise CheckpointError(f"{key}: the weight is not its quantized codes dequantized "
+                                  f"({qw.quant}); save the model the pipeline quantized")
+        tensors.update({key + sfx: p for sfx, p in qcodec.encode_quant(qw, masked).items()})
+        info.update(encoding=qcodec.ENCODING, quant=str(qw.quant), masked=masked,
+                    transposed=transposed, **(mask.layout() if masked else {}))
+    elif mask is not None:
+        enc, parts = encode(t, mask.mask)
+        coding = _put(tensors, key + VALUES, parts.pop(VALUES), code_values)
+        tensors.update({key + suffix: p for suffix, p in parts.items()})
+        info.update(encoding=enc, **mask.layout())
+    else:
+        coding = _put(tensors, key, t, code_values)
+        info["encoding"] = "dense"
+    if coding is not None:
+        info["coding"] = coding
+    return info, info["encoding"]
+
+
+def make_manifest(model: nn.Module | None, dtype: torch.dtype | None, meta: Mapping[str, Any],
+                  layout: Mapping[str, Any], tied: Mapping[str, str]) -> dict[str, Any]:
+    """The manifest (``prunus.json``); ``model`` None: saved from a module without a config."""
+    return {"format": NAME, "format_version": FORMAT_VERSION,
+            "architecture": type(model).__name__ if model is not None else None,
+            "dtype": dtype_name(dtype) if dtype is not None else None,
+            "metadata": meta, "tensors": dict(layout), "tied": dict(tied)}
+
+
+def make_header(manifest: Mapping[str, Any], hashes: Mapping[str, str]) -> dict[str, str]:
+    """The safetensors header metadata: the manifest, its SHA-256 and every tensor's SHA-256."""
+    text = json.dumps(manifest, sort_keys=True)
+    return {"format": "pt", H_FORMAT: NAME, H_MANIFEST: text,
+            H_MANIFEST_SHA: hashlib.sha256(text.encode()).hexdigest(),
+            H_SHA: json.dumps(dict(hashes), sort_keys=True)}
 
 
 def _quant_keys(state: Mapping[str, Tensor], tied: Mapping[str, str],
