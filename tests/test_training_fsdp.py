@@ -209,3 +209,104 @@ def test_fingerprint_keeps_old_runs_and_tells_micro_batches_apart():
     assert dataclasses.replace(a, micro_batches=2).fingerprint()["micro_batches"] == 2
     with pytest.raises(SpecError, match="unknown parallel mode 'zero'"):
         TrainConfig(parallel="zero")
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo group in this process: FSDP2 shards over one rank (DTensors, no peers)."""
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        pytest.skip("needs gloo and no process group yet")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_full_view_writes_back_only_what_a_hook_changed(one_rank_group):
+    """The sharded mode's plumbing, hand-checked: reads leave shards alone, writes reach them."""
+    from torch.distributed.fsdp import fully_shard
+
+    from prunus.training.sharding import is_sharded
+    from prunus.training.sparsifier import Sparsifier, find_targets
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))  # no dead rows
+    targets = find_targets(model)
+    masks = {t.name: torch.ones_like(t.weight, dtype=torch.bool) for t in targets}
+    calls = []
+
+    def update(sp, step):
+        t = sp.targets[0]
+        w = t.weight  # the whole weight, with its whole gradient
+        calls.append((step, type(w).__name__, tuple(w.shape), w.grad is not None))
+        if step == 2:  # prune row 0 of layer "0"; zero row 1's weights and momentum, as a grow does
+            keep = torch.ones(6, 4, dtype=torch.bool)
+            keep[0] = False
+            sp.masks[t.name] = keep
+            grown = torch.zeros(6, 4, dtype=torch.bool)
+            grown[1] = True
+            with torch.no_grad():
+                w.masked_fill_(grown, 0.0)
+            sp.mask_optimizer_state(w, ~grown)  # the whole stand-in: its shard's momentum is masked
+        if step == 3:
+            sp.masks[t.name] = torch.zeros(6, 4, dtype=torch.bool)
+            raise RuntimeError("hook failed")
+
+    sp = Sparsifier(model, None, targets, masks, spec=None, method="test", total_steps=3, update=update)
+    fully_shard(model[0])  # (as the trainer does: the sparsifier first, then the shards, then the optimizer)
+    fully_shard(model)
+    opt = sp.optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    from prunus.training.sharding import attach
+
+    sh = attach(sp)
+    assert all(is_sharded(m) and m.placements == t.weight.placements for t, m in zip(targets, sp.masks.values()))
+    w0 = model[0].weight
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    before, version = w0.to_local().clone(), w0.to_local()._version
+    mom_before = opt.state[w0]["momentum_buffer"].to_local().clone()
+    sp.step()  # step 1: the hook only reads
+    assert calls == [(1, "Tensor", (6, 4), True)] and w0.to_local()._version == version
+    assert torch.equal(w0.to_local(), before) and sh.updates == 0
+    digest = sh.decision_digest()
+    sp.step()  # step 2: row 0 pruned by the mask, row 1 zeroed in place by the hook
+    local, mom = w0.to_local(), opt.state[w0]["momentum_buffer"].to_local()
+    assert is_sharded(sp.masks["0"]) and torch.equal(sp.full_mask("0")[0], torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(local[0], torch.zeros(4)) and torch.equal(local[1], torch.zeros(4))
+    assert torch.equal(local[2:], before[2:]) and torch.equal(mom[:2], torch.zeros(2, 4))
+    assert torch.equal(mom[2:], mom_before[2:]) and bool((mom_before[:2] != 0).all())
+    assert sh.updates == 1 and sh.decision_digest() != digest
+    assert sp.densities()["0"] == pytest.approx(20 / 24) and sp.layer_sparsity()["0"] == pytest.approx(8 / 24)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        sp.step()  # step 3: a failing hook leaves the masks it assigned unapplied
+    assert is_sharded(sp.masks["0"]) and int(sp.full_mask("0").sum()) == 20
+    assert [type(t).__name__ for t in sp.targets] == ["Target", "Target"] and sh.active is None
+
+
+def test_full_params_reset_draws_what_one_process_draws(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    from prunus.training.sharding import attach
+    from prunus.training.sparsifier import Sparsifier, find_targets
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+    plain, model = build(), build()
+    targets = find_targets(model)
+    sp = Sparsifier(model, None, targets, {t.name: torch.ones_like(t.weight, dtype=torch.bool) for t in targets},
+                    spec=None, method="test", total_steps=1)
+    fully_shard(model[0])
+    fully_shard(model)
+    attach(sp)
+    torch.manual_seed(7)
+    for m in (plain[0], plain[2]):
+        m.reset_parameters()
+    torch.manual_seed(7)
+    with sp.full_params() as m:
+        assert not any(type(p).__name__ == "DTensor" for p in m.parameters())
+        m[0].reset_parameters()
+        m[2].reset_parameters()
+    assert type(model[0].weight).__name__ == "DTensor"
+    for a, b in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(a, b.full_tensor())
