@@ -292,6 +292,9 @@ class Sparsifier:
         """Bake the masks into the weights and remove any parametrization: a plain sparse model."""
         from torch.nn.utils import parametrize
 
+        if self.sharding is not None:
+            raise SpecError("squash() works on a whole model; this one is sharded by FSDP2 (gather its "
+                            "full state dict into an unsharded copy and squash that)")
         for t in self.targets:
             if parametrize.is_parametrized(t.module, "weight"):
                 parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)

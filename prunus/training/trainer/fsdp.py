@@ -7,7 +7,9 @@ identically on every rank), :func:`shard`
 
 1. broadcasts rank 0's parameters, buffers and masks (they are equal by construction; a safety net,
    as under DDP);
-2. applies ``torch.distributed.fsdp.fully_shard`` to every Linear, Conv and Embedding layer (its own
+2. makes every parameter contiguous (FSDP2 shards no other; the trainer keeps conv weights in
+   channels-last order, which the inputs keep, so the convolutions still run in NHWC), and applies
+   ``torch.distributed.fsdp.fully_shard`` to every Linear, Conv and Embedding layer (its own
    unit: gathered for its forward, resharded after) and then to the root model (the rest: norms,
    biases of other modules). Every parameter becomes a DTensor sharded on dim 0; backward
    reduce-scatters the gradients (average over the ranks), so each rank holds the gradient rows of
@@ -24,6 +26,9 @@ equals the one process's ``(g0 + g1) / 2``: two addends commute and halving is e
 a rank is the one process's forward on the same half-batch with the same (gathered) weights; the
 optimizer's update is element-wise, so running it on a shard changes no bit. Every drop/grow
 decision then sees the same full tensors as in one process.
+Convolutions are the exception: their weights become contiguous here (step 2), and an NHWC
+convolution with NCHW-ordered weights rounds differently from the one process's channels-last
+weights, so conv models match one process in their masks only up to near-ties.
 
 :class:`ShardSync` is the FSDP counterpart of :class:`~prunus.training.trainer.ddp.RankSync`. Nothing
 is broadcast after an update (each rank keeps only its rows of the masks it computed itself), so a
@@ -85,6 +90,10 @@ def shard(model: nn.Module, sp: Optional[Sparsifier], optimizer: torch.optim.Opt
     if any(optimizer.state.values()):
         raise PrunusError("internal: the optimizer has state before the model is sharded")
     _broadcast(model, sp)
+    with torch.no_grad():  # FSDP2 shards contiguous parameters only (the trainer makes conv weights NHWC)
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for m in units(model):
         fully_shard(m, mesh=mesh)
