@@ -16,6 +16,13 @@ Distributed data-parallel on CPU (gloo), 2 processes; only rank 0 prints and wri
 
     torchrun --nproc_per_node 2 -m prunus train --task digits --model lenet300 --method rigl \\
         --sparsity 90% --epochs 5
+
+FSDP2 instead (parameters, gradients, optimizer state and masks sharded over the ranks; sharded
+checkpoints through torch.distributed.checkpoint, resumable with --resume); the same masks, bit for
+bit, as one process run with --micro-batches 2:
+
+    torchrun --nproc_per_node 2 -m prunus train --task digits --model lenet300 --method rigl \\
+        --sparsity 90% --epochs 5 --parallel fsdp --checkpoint-every 20
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N optimizer steps")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default prunus-checkpoints)")
     p.add_argument("--resume", action="store_true", help="resume each seed from its checkpoint")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: ddp (default) or fsdp "
+                   "(FSDP2: model, gradients, optimizer state and masks sharded; sharded checkpoints)")
+    p.add_argument("--micro-batches", type=int, help="split each rank's batch into N micro-batches and "
+                   "average their gradients (one process with N=2 computes what 2 ranks do, bit for bit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -75,7 +86,7 @@ _FIELDS = {"task": "task", "model": "model", "method": "method", "sparsity": "sp
            "book": "book", "finetune_book": "finetune_book", "finetune_text_file": "finetune_text_file",
            "finetune_epochs": "finetune_epochs", "train_subset": "train_subset",
            "momentum": "momentum", "probe_epochs": "probe_epochs", "checkpoint_every": "checkpoint_every",
-           "checkpoint_dir": "checkpoint_dir"}
+           "checkpoint_dir": "checkpoint_dir", "parallel": "parallel", "micro_batches": "micro_batches"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -135,7 +146,10 @@ def format_table(doc: dict[str, Any]) -> str:
         note += (f"\n{doc['epochs']} epochs on {doc['book']}, then {doc['finetune_epochs']} on "
                  f"{doc['finetune_book']}; {metric} is on {doc['finetune_book']} "
                  f"({doc['pretrain_' + metric]:.2f} on {doc['book']} before fine-tuning)")
-    if doc.get("world_size", 1) > 1:
+    if doc.get("world_size", 1) > 1 and doc.get("parallel") == "fsdp":
+        note += (f"\nFSDP2 over {doc['world_size']} ranks (gloo); masks sharded like the weights, "
+                 f"decided on the whole tensors, identical across ranks")
+    elif doc.get("world_size", 1) > 1:
         note += f"\nDDP over {doc['world_size']} ranks (gloo); masks identical on every rank"
     return "\n".join([head, row, note])
 

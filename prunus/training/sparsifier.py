@@ -10,7 +10,8 @@ does the rest. After ``optimizer.step()`` the user calls ``sparsifier.step()``, 
    decay can revive a pruned weight.
 
 Gradients are left dense on purpose: RigL grows where the dense |grad| is largest, and under DDP the
-gradient it reads is the all-reduced one.
+gradient it reads is the all-reduced one. On a model sharded by FSDP2, :func:`prunus.training.sharding.attach`
+shards the masks like the weights and runs ``update`` on full tensors (``sp.sharding``).
 
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +38,7 @@ from prunus.core.masks import n_pruned, topk
 from prunus.core.spec import NM, Pattern, SparsitySpec
 from prunus.core.stats import LayerStats, layer_seed, weight_only_stats
 from prunus.core.targets import TRAINABLE, Target, select
+from prunus.training.sharding import full, shard_like
 
 PRUNABLE = TRAINABLE  # nn.Linear, nn.Conv1d, nn.Conv2d (and GPT-2's Conv1D)
 
@@ -169,6 +173,7 @@ class Sparsifier:
         self.state: dict[str, Any] = {}  # method state saved in checkpoints (tensors, numbers)
         self.dense_grad_steps = 0  # steps that needed a dense gradient (RigL), for FLOPs
         self.released = False
+        self.sharding: Any = None  # a prunus.training.sharding.Sharding once the model is sharded (FSDP2)
         self.apply()
 
     def _target(self, name: str) -> Target:
@@ -182,8 +187,22 @@ class Sparsifier:
         """Call once after every ``optimizer.step()``: run the method's update, re-apply masks."""
         self.step_count += 1
         if self.update is not None:
-            self.update(self, self.step_count)
+            with (self.sharding.view(self.step_count) if self.sharding is not None else contextlib.nullcontext()):
+                self.update(self, self.step_count)  # sharded: on full tensors, see prunus.training.sharding
         self.apply()
+
+    def full_params(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """``with sp.full_params() as m:`` the unwrapped model with whole parameters (sharded or not).
+
+        For update hooks that reset or rewind every parameter (LTH); on a sharded model the changes
+        go back to the shards when the hook returns.
+        """
+        m = unwrap(self.model)
+        return self.sharding.full_params(m) if self.sharding is not None else contextlib.nullcontext(m)
+
+    def full_mask(self, name: str) -> Tensor:
+        """The whole mask of layer ``name`` (gathered when it is sharded)."""
+        return full(self.masks[name])
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -201,6 +220,8 @@ class Sparsifier:
         """Multiply every state tensor shaped like ``param`` (momentum, exp_avg, ...) by ``keep``."""
         if self.optimizer is None:
             return
+        if self.sharding is not None:
+            param, keep = self.sharding.localize(param, keep)
         for v in self.optimizer.state.get(param, {}).values():
             if isinstance(v, Tensor) and v.shape == param.shape:
                 v.mul_(keep)
@@ -213,7 +234,9 @@ class Sparsifier:
 
     # ---- reports ----------------------------------------------------------------------------
     def effective_weight(self, t: Target) -> Tensor:
-        """The weight the forward pass uses (the parametrized one for SR-STE/PGF)."""
+        """The weight the forward pass uses (the parametrized one for SR-STE/PGF), whole."""
+        if self.sharding is not None:
+            return self.sharding.effective_weight(t)
         return t.module.weight.detach()
 
     def _zeros(self, t: Target) -> float:
@@ -225,7 +248,7 @@ class Sparsifier:
         """
         zero = self.effective_weight(t) == 0
         if self.apply_to_weights and not self.released:
-            zero |= ~self.masks[t.name]
+            zero |= ~self.full_mask(t.name)
         return float(zero.sum())
 
     def layer_sparsity(self) -> dict[str, float]:
@@ -239,6 +262,8 @@ class Sparsifier:
 
     def densities(self) -> dict[str, float]:
         """Mask density of each target (kept / weights), for FLOP counting."""
+        if self.sharding is not None:
+            return self.sharding.densities()
         return {k: float(m.sum()) / m.numel() for k, m in self.masks.items()}
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -260,13 +285,16 @@ class Sparsifier:
         self.released = bool(sd["released"])
         self.dense_grad_steps = int(sd.get("dense_grad_steps", 0))
         for k, v in sd["masks"].items():
-            self.masks[k] = v.to(dtype=torch.bool, device=self.masks[k].device)
+            self.masks[k] = shard_like(v.to(dtype=torch.bool, device=self.masks[k].device), self.masks[k])
         self.state = dict(sd["state"])
 
     def squash(self) -> None:
         """Bake the masks into the weights and remove any parametrization: a plain sparse model."""
         from torch.nn.utils import parametrize
 
+        if self.sharding is not None:
+            raise SpecError("squash() works on a whole model; this one is sharded by FSDP2 (gather its "
+                            "full state dict into an unsharded copy and squash that)")
         for t in self.targets:
             if parametrize.is_parametrized(t.module, "weight"):
                 parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)

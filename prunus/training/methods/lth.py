@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,8 +46,25 @@ class LTHOptions:
     reinit: bool = False
 
 
+def _state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer by name (read directly: on a sharded model inside
+    ``Sparsifier.full_params`` they are the whole tensors, which ``state_dict`` would not give); the
+    buffers are the persistent ones, so the names are those of ``state_dict``."""
+    yield from model.named_parameters()
+    for prefix, mod in model.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    return {k: v.detach().clone() for k, v in _state(model)}
+
+
+@torch.no_grad()
+def _rewind(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    for k, v in _state(model):
+        v.copy_(snapshot[k])
 
 
 @torch.no_grad()
@@ -55,8 +72,8 @@ def _reinit(model: nn.Module, seed: int) -> None:
     """A fresh draw of every layer's default initialisation, from a seed other than the run's."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(layer_seed(seed, "lth-reinit") % (2 ** 63))
-        for mod in unwrap(model).modules():
-            if hasattr(mod, "reset_parameters") and mod is not unwrap(model):
+        for mod in model.modules():
+            if hasattr(mod, "reset_parameters") and mod is not model:
                 mod.reset_parameters()
 
 
@@ -84,7 +101,8 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
 
     def update(sp: Sparsifier, step: int) -> None:
         if step == k:
-            sp.state["rewind"] = _snapshot(sp.model)
+            with sp.full_params() as m:
+                sp.state["rewind"] = _snapshot(m)
         r = int(sp.state.get("round", 0))
         if step % phase or r >= opts.rounds:
             return
@@ -95,14 +113,14 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
             w = t.weight.detach()
             scores = torch.where(sp.masks[t.name], magnitude(w), torch.full_like(w, -1.0))
             sp.masks[t.name] = mask_from_scores(scores, budgets[t.name], spec.pattern, t.name)
-        with torch.no_grad():
+        with torch.no_grad(), sp.full_params() as m:
             if opts.reinit and r == opts.rounds:
-                _reinit(sp.model, sp.seed)
+                _reinit(m, sp.seed)
                 # the fresh draw has the dense fan-in's scale; under the ticket's masks every layer's
                 # pre-activation variance shrinks by its density, so rescale like every random-mask method
                 sparse_init(sp.targets, sp.masks)
             else:
-                unwrap(sp.model).load_state_dict(sp.state["rewind"])
+                _rewind(m, sp.state["rewind"])
         if sp.optimizer is not None:
             sp.optimizer.state.clear()
         sp.state["round"] = r
@@ -111,7 +129,7 @@ def lth(model: nn.Module, optimizer, spec: SparsitySpec | str | float, *, total_
                     update=update, seed=seed,
                     phases=[i * phase for i in range(opts.rounds + 1)] + [total_steps])
     if k == 0:
-        sp.state["rewind"] = _snapshot(model)
+        sp.state["rewind"] = _snapshot(unwrap(model))
     return sp
 
 

@@ -58,13 +58,19 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a prunus training checkpoint")
-    want, got = config.fingerprint(), ck.get("fingerprint", {})
-    diff = [k for k in want if want[k] != got.get(k)]
+    check_fingerprint(path, ck.get("fingerprint", {}), config)
+    return ck
+
+
+def check_fingerprint(path: Path, got: Any, config: TrainConfig) -> None:
+    """A CheckpointError naming the first differences if the checkpoint at ``path`` is another run's."""
+    want = config.fingerprint()
+    got = got if isinstance(got, dict) else {}
+    diff = [k for k in want if want[k] != got.get(k)] + [k for k in got if k not in want]
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {got.get(k)!r} vs run {want[k]!r}" for k in diff[:4])
+        detail = ", ".join(f"{k}: checkpoint {got.get(k)!r} vs run {want.get(k)!r}" for k in diff[:4])
         raise CheckpointError(f"checkpoint {path} was written for another run ({detail}); "
                               f"use another --checkpoint-dir or drop --resume")
-    return ck
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

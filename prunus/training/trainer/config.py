@@ -26,6 +26,9 @@ from prunus.training.sparsifier import find_targets, layer_budgets
 from prunus.training.tasks import Dataset, build_model, default_exclude, load_task
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one run depends on.
@@ -48,7 +51,12 @@ class TrainConfig:
         train_subset: use only the first N training examples (0: all); for quick runs.
         probe_epochs: random search's short training per candidate.
         checkpoint_every: write a checkpoint every N optimizer steps (0: never).
-        checkpoint_dir: where checkpoints go (``seed<S>.pt``).
+        checkpoint_dir: where checkpoints go (``seed<S>.pt``; ``seed<S>.dcp/`` with FSDP2).
+        parallel: under torchrun, ``ddp`` (replicated model, all-reduced gradients) or ``fsdp``
+            (FSDP2: parameters, gradients, optimizer state and masks sharded over the ranks).
+        micro_batches: split each rank's batch into this many micro-batches (strided, like the ranks'
+            slices) and average their gradients. One process with ``micro_batches=2`` computes the
+            gradient exactly as two ranks do, bit for bit: the same run as ``torchrun --nproc_per_node 2``.
     """
 
     task: str = "digits"
@@ -73,18 +81,24 @@ class TrainConfig:
     probe_epochs: float = option(1.0, gt=0)
     checkpoint_every: int = option(0, min=0)
     checkpoint_dir: str = "prunus-checkpoints"
+    parallel: str = "ddp"
+    micro_batches: int = option(1, min=1)
 
     def __post_init__(self) -> None:
         # every numeric field in its range (finite, positive where it must be), at the edge
         check(self, "")
         if not str(self.checkpoint_dir).strip():
             raise SpecError("checkpoint_dir is empty")
+        if self.parallel not in PARALLEL:
+            raise SpecError(f"unknown parallel mode {self.parallel!r}; choose {' or '.join(PARALLEL)}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (everything but where checkpoints go)."""
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_every", "checkpoint_dir", "seed"):
-            d.pop(k)
+        for k in ("checkpoint_every", "checkpoint_dir", "seed", "parallel"):
+            d.pop(k)  # (ddp and fsdp write different checkpoint files: seed<S>.pt and seed<S>.dcp/)
+        if self.micro_batches == 1:
+            d.pop("micro_batches")  # the fingerprint of runs from before micro-batches existed
         if not self.finetune_epochs and self.finetune_book is None and self.finetune_text_file is None:
             for k in ("finetune_book", "finetune_text_file", "finetune_epochs"):
                 d.pop(k)  # single-phase runs: the same fingerprint as before two-phase runs existed
@@ -116,8 +130,12 @@ def prepare(config: TrainConfig, data: Optional[Dataset] = None) -> Prepared:
     if config.epochs < 1 or config.batch_size < 1:
         raise SpecError("epochs and batch size must be positive")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if config.batch_size % world:
-        raise SpecError(f"batch size {config.batch_size} must divide evenly over {world} ranks")
+    if config.batch_size % (world * config.micro_batches):
+        raise SpecError(f"batch size {config.batch_size} must divide evenly over {world} rank(s) "
+                        f"x {config.micro_batches} micro-batch(es)")
+    if config.parallel == "fsdp" and world < 2:
+        raise SpecError("--parallel fsdp shards the model over ranks: launch with "
+                        "torchrun --nproc_per_node N (N >= 2) -m prunus train ...")
     two_phase = config.finetune_book is not None or config.finetune_text_file is not None
     if config.finetune_epochs < 0 or two_phase != (config.finetune_epochs > 0):
         raise SpecError("fine-tuning needs both a second corpus (finetune_book or finetune_text_file) "

@@ -47,6 +47,7 @@ from torch import nn
 
 from prunus.errors import PrunusError
 from prunus.io.fsutil import atomic_file
+from prunus.training.sharding import full
 from prunus.training.sparsifier import Sparsifier
 
 
@@ -99,14 +100,14 @@ def _digest(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for k, v in tensors:
         h.update(k.encode())
-        v = v.detach().contiguous().reshape(-1)
+        v = full(v).detach().contiguous().reshape(-1)  # a sharded tensor (FSDP2) is hashed whole
         h.update((v.to(torch.uint8) if v.dtype == torch.bool else v).view(torch.uint8).numpy().tobytes()
                  if v.numel() else b"")
     return h.hexdigest()[:16]
 
 
 def params_digest(model: nn.Module) -> str:
-    """A short hash of every parameter and buffer (bitwise): equal on all DDP ranks."""
+    """A short hash of every parameter and buffer (bitwise, whole when sharded): equal on all ranks."""
     return _digest(sorted(model.state_dict().items()))
 
 
@@ -117,8 +118,13 @@ def mask_digest(sp: Optional[Sparsifier]) -> str:
     h = hashlib.sha256()
     for k in sorted(sp.masks):
         h.update(k.encode())
-        h.update(sp.masks[k].to(torch.uint8).numpy().tobytes())
+        h.update(sp.full_mask(k).to(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def grad_digest(sp: Sparsifier) -> str:
+    """A short hash of the targets' gradients (whole ones inside a sharded sparsifier's update)."""
+    return _digest((t.name, t.weight.grad) for t in sp.targets if t.weight.grad is not None)
 
 
 @torch.no_grad()
@@ -162,18 +168,15 @@ class RankSync:
                 before = dict(s.masks)
                 inner(s, step)
                 if any(s.masks[k] is not before[k] for k in before):
-                    self.updates.append([step, mask_digest(s), self._grad_digest(s)])
+                    self.updates.append([step, mask_digest(s), grad_digest(s)])
 
             sp.update = update
-
-    def _grad_digest(self, s: Sparsifier) -> str:
-        return _digest((t.name, t.weight.grad) for t in s.targets if t.weight.grad is not None)
 
     def _after_update(self, s: Sparsifier, step: int, changed: bool) -> None:
         if not changed:  # a function of the step on every rank (module docstring, 2)
             return
         if self.record:
-            self.updates.append([step, mask_digest(s), self._grad_digest(s)])
+            self.updates.append([step, mask_digest(s), grad_digest(s)])
         n = self.broadcast_masks(s)
         if n:
             self.log(f"warning: step {step}: {n} mask entries differed across ranks; "
@@ -216,6 +219,10 @@ class RankSync:
                 self.broadcast_masks(self.sp)
                 self.sp.apply()
 
+    def report(self) -> dict[str, int]:
+        """The result's ``ddp`` entry."""
+        return {"mask_syncs": self.syncs, "mask_mismatches": self.mismatches}
+
     def check(self, epoch: int) -> None:
         """Stop if ranks disagree on masks or weights (they never should)."""
         import torch.distributed as dist
@@ -231,7 +238,7 @@ class RankSync:
 
 
 def dump_digests(seed: int, rank: int, world: int, result: dict[str, Any], model: nn.Module,
-                  sync: RankSync) -> None:
+                  sync: Any) -> None:
     """``PRUNUS_DDP_DIGESTS=DIR``: this rank's digests into ``DIR/rank<r>.json`` (tests compare them)."""
     folder = os.environ.get("PRUNUS_DDP_DIGESTS")
     if not folder:
@@ -241,6 +248,6 @@ def dump_digests(seed: int, rank: int, world: int, result: dict[str, Any], model
     doc["runs"] = [r for r in doc["runs"] if r["seed"] != seed] + [{
         "seed": seed, "masks_sha": result["masks_sha"], "params_sha": params_digest(model),
         "updates": sync.updates, "mask_syncs": sync.syncs, "mask_mismatches": sync.mismatches,
-        "metric": result["metric"]}]
+        "report": sync.report(), "metric": result["metric"]}]
     with atomic_file(p) as tmp:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")

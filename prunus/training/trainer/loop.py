@@ -30,7 +30,9 @@ from prunus.training.sparsifier import Sparsifier
 from prunus.training.tasks import Dataset, build_model, default_exclude
 from prunus.training.trainer.checkpoints import FORMAT, checkpoint_path, load_checkpoint, save_checkpoint
 from prunus.training.trainer.config import Prepared, TrainConfig, example_input, prepare
+from prunus.training.trainer.dcp import check as dcp_check, dcp_path, load as dcp_load, save as dcp_save
 from prunus.training.trainer.ddp import RankSync, distributed, dump_digests, mask_digest, world_info
+from prunus.training.trainer.fsdp import ShardSync, shard
 from prunus.training.trainer.steps import Batches, Segment, Stepper, cosine_lr, evaluate, make_optimizer, segment
 
 Log = Callable[[str], None]
@@ -52,8 +54,10 @@ class _Run:
         self.prep, self.cfg, self.seed, self.log = prep, cfg, seed, log
         self.rank, self.world = world_info()
         self.text = data.kind == "text"
-        if cfg.batch_size % self.world:
-            raise SpecError(f"batch size {cfg.batch_size} must divide evenly over {self.world} ranks")
+        if cfg.batch_size % (self.world * cfg.micro_batches):
+            raise SpecError(f"batch size {cfg.batch_size} must divide evenly over {self.world} rank(s) "
+                            f"x {cfg.micro_batches} micro-batch(es)")
+        self.sharded = self.world > 1 and cfg.parallel == "fsdp"
         self.segments = [segment(cfg, data, cfg.epochs * prep.rounds,
                                  "pretrain" if prep.finetune is not None else "train")]
         if prep.finetune is not None:
@@ -76,22 +80,26 @@ class _Run:
         self.model = model
         self.opt, self.lr = make_optimizer(cfg, model, self.text)
         self.batches = Batches(self.segments[0], cfg.batch_size, seed, self.rank, self.world, self.text)
-        self.stepper = Stepper(model, self.opt, data, self.world)
-        # DDP wraps the model after the sparsifier is built: SR-STE/PGF register parametrizations,
-        # which DDP's gradient hooks must see. Random search short-trains inside the factory, before
-        # the wrap; there the gradients are averaged over the ranks by hand, exactly as DDP would.
+        self.stepper = Stepper(model, self.opt, data, self.world, cfg.micro_batches)
+        # DDP wraps (FSDP2 shards) the model after the sparsifier is built: SR-STE/PGF register
+        # parametrizations, which DDP's gradient hooks must see. Random search short-trains inside the
+        # factory, before the wrap; there the gradients are averaged over the ranks by hand, as DDP would.
         self.sp = self._sparsifier()
-        if self.world > 1:
+        self._count_flops()
+        if self.sharded:  # parameters, gradients, optimizer state and masks sharded (trainer.fsdp)
+            self.opt = shard(model, self.sp, self.opt, lambda: make_optimizer(cfg, model, self.text)[0])
+            self.stepper.opt, self.stepper.synced = self.opt, True
+        elif self.world > 1:
             self.stepper.net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's parameters
+            self.stepper.synced = True
         self.phases = self.sp.phases if self.sp is not None else [0, self.total]
         if prep.finetune is not None:
             self.phases = [0, self.pre_steps, self.total]  # the cosine restarts for fine-tuning
-        self.sync = RankSync(model, self.sp, self.world, record=bool(os.environ.get("PRUNUS_DDP_DIGESTS")),
-                             log=log)
-        self._count_flops()
+        self.sync = (ShardSync if self.sharded else RankSync)(
+            model, self.sp, self.world, record=bool(os.environ.get("PRUNUS_DDP_DIGESTS")), log=log)
         self.step, self.history, self.train_flops = 0, [], 0.0
         self.losses: list[float] = []  # the current epoch's step losses (checkpointed: exact resumes)
-        self.path = checkpoint_path(cfg, seed)
+        self.path = dcp_path(cfg, seed) if self.sharded else checkpoint_path(cfg, seed)
 
     # ---- construction -------------------------------------------------------------------------
     def _sparsifier(self) -> Optional[Sparsifier]:
@@ -141,22 +149,31 @@ class _Run:
         """Continue from this seed's checkpoint; returns the result if that run had finished."""
         if not self.path.exists():
             return None
-        ck = load_checkpoint(self.path, self.cfg)
+        if self.sharded:  # every rank reads its shards; a finished run's tensors are not read
+            ck = dcp_load(self.path, self.cfg, self.model, self.opt, self.sp)
+        else:
+            ck = load_checkpoint(self.path, self.cfg)
         if ck.get("done"):
             self.log(f"seed {self.seed}: finished run found in {self.path}")
             return ck["result"]
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        if self.sp is not None:
-            self.sp.load_state_dict(ck["sparsifier"])
+        if not self.sharded:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            if self.sp is not None:
+                self.sp.load_state_dict(ck["sparsifier"])
+            torch.set_rng_state(ck["rng"])
         self.step, self.history, self.train_flops = int(ck["step"]), list(ck["history"]), float(ck["train_flops"])
         self.losses = [float(x) for x in ck["epoch_losses"]]
-        torch.set_rng_state(ck["rng"])
         self.log(f"seed {self.seed}: resumed from {self.path} at step {self.step}")
         return None
 
     def snapshot(self, done: bool = False, result: Optional[dict] = None) -> None:
-        if self.rank == 0:
+        if self.sharded:  # a collective: every rank writes its shards (trainer.dcp)
+            dcp_save(self.path, {"fingerprint": self.cfg.fingerprint(), "seed": self.seed, "step": self.step,
+                                 "history": self.history, "train_flops": self.train_flops,
+                                 "epoch_losses": list(self.losses), "done": done, "result": result},
+                     self.model, self.opt, self.sp)
+        elif self.rank == 0:
             sp = self.sp
             save_checkpoint(self.path, {
                 "format": FORMAT, "fingerprint": self.cfg.fingerprint(), "seed": self.seed, "step": self.step,
@@ -231,7 +248,7 @@ class _Run:
             result["pretrain_metric"] = pre[-1]["metric"] if pre else None
             result["pretrain_steps"] = self.pre_steps
         if self.world > 1:
-            result["ddp"] = {"mask_syncs": self.sync.syncs, "mask_mismatches": self.sync.mismatches}
+            result[self.cfg.parallel] = self.sync.report()
         return result
 
 
@@ -292,11 +309,25 @@ def run(config: TrainConfig, seeds: list[int], *, resume: bool = False, progress
             raise SpecError(f"checkpoint folder {d} is a file; give a folder")
     if resume:
         for s in seeds:
-            if checkpoint_path(config, s).exists():
-                load_checkpoint(checkpoint_path(config, s), config)  # a foreign checkpoint fails now
+            _check_resumable(config, s)  # a foreign or corrupt checkpoint fails now, on every rank
     with distributed() as (rank, world):
         say = log if rank == 0 else (lambda s: None)
         runs = [train_one(prep, s, resume=resume, progress=progress, log=say) for s in seeds]
     doc = summarize(prep, runs)
     doc["world_size"] = world
+    if world > 1:
+        doc["parallel"] = config.parallel
     return doc
+
+
+def _check_resumable(config: TrainConfig, seed: int) -> None:
+    """Verify the checkpoint a resume would read; one of the other kind (.pt / .dcp) is an error."""
+    sharded = config.parallel == "fsdp"  # (prepare: only under torchrun)
+    mine, other = (dcp_path, checkpoint_path) if sharded else (checkpoint_path, dcp_path)
+    if mine(config, seed).exists():
+        (dcp_check if sharded else load_checkpoint)(mine(config, seed), config)
+    elif other(config, seed).exists():
+        how = ("one process or DDP (without --parallel fsdp)" if sharded else
+               "FSDP2 (torchrun ... --parallel fsdp)")
+        raise SpecError(f"{other(config, seed)} was written by another parallel mode; resume it with {how}, "
+                        f"or use another --checkpoint-dir")

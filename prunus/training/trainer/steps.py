@@ -86,25 +86,43 @@ class Batches:
 class Stepper:
     """``stepper(sp, xb, yb, lr)``: one optimizer step and one sparsifier step; returns the loss.
 
-    ``net`` is the model or, once wrapped, its DDP wrapper; un-wrapped steps on several ranks (random
-    search's probe training) average the gradients by hand, exactly as DDP would.
+    ``net`` is the model or, once wrapped, its DDP wrapper (``synced``: the wrapper, DDP or FSDP2,
+    reduces the gradients); un-wrapped steps on several ranks (random search's probe training) average
+    the gradients by hand, exactly as DDP would.
+
+    With ``micro`` > 1 the batch is cut into ``micro`` strided slices (``xb[j::micro]``, as a global
+    batch is cut over the ranks), each slice's mean loss is back-propagated, and the summed gradients
+    are divided by ``micro``: for ``micro=2`` in one process, ``(g0 + g1) / 2``, the very operations
+    (and so the very bits) of two ranks' averaged gradients.
     """
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, data: Dataset, world: int) -> None:
-        self.model, self.net, self.opt, self.data, self.world = model, model, opt, data, world
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, data: Dataset, world: int,
+                 micro: int = 1) -> None:
+        self.model, self.net, self.opt, self.data, self.world, self.micro = model, model, opt, data, world, micro
+        self.synced = False
 
     def __call__(self, sp: Optional[Sparsifier], xb: torch.Tensor, yb: torch.Tensor, step_lr: float) -> float:
         for g in self.opt.param_groups:
             g["lr"] = step_lr
         self.opt.zero_grad(set_to_none=True)
-        loss = loss_fn(self.net, self.data, xb, yb)
-        loss.backward()  # under DDP, returns once the gradient all-reduce is complete
-        if self.world > 1 and self.net is self.model:
+        m, losses = self.micro, []
+        for j in range(m):
+            xj = xb[j::m] if m > 1 else xb
+            yj = yb[j::m] if m > 1 and self.data.kind != "text" else yb
+            loss = loss_fn(self.net, self.data, xj, yj)
+            loss.backward()  # under DDP/FSDP2, returns once the gradient reduction is complete
+            losses.append(loss.item())
+        if m > 1:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(m)
+        if self.world > 1 and not self.synced:
             average_gradients(self.model, self.world)
         self.opt.step()
         if sp is not None:
-            sp.step()  # reads the all-reduced gradients (RigL)
-        return loss.item()
+            sp.step()  # reads the reduced gradients (RigL)
+        return sum(losses) / m
 
 
 def loss_fn(model: nn.Module, data: Dataset, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
