@@ -213,7 +213,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         targets: layers to collect statistics for; every one must sit inside a block.
         needs: statistics to collect (names from ``prunus.core.stats.STAT_NAMES``).
         on_layer: called once per target with its statistics; may rewrite the weight in place.
-            None runs the model without touching it (used by OWL's statistics pass).
+            None runs the model without touching it (with ``after_block``, each block runs only
+            for it: activation calibration, :mod:`prunus.activation`).
         device: where each block runs; the rest of the model stays where it is.
         batch_size: windows per chunk; None (default) puts all windows in one chunk (in-flight).
         seed: base seed for per-layer seeds in the statistics.
@@ -256,7 +257,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
                     col.dense_inputs, dense[0] = _dense_pass(block, mine if want_inputs else [],
                                                              chunks[0], dense[0])
                 col.attach(in_flight=True)
-                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+                if on_layer is not None or after_block is None:  # else nothing to prune: after_block's outputs
+                    outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
             else:
                 for k, c in enumerate(chunks):
                     if dense is not None:
