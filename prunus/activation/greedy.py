@@ -41,7 +41,18 @@ def effective(levels: dict[str, float], weights: dict[str, float]) -> float:
 
 def greedy_levels(ctx: BlockCalibration, target: float, threshold_at: ThresholdAt, scale: str = "none",
                   step: float = 0.05, last_fraction: float = 1.0) -> dict[str, float]:
-    """Per-layer sparsity levels of the block whose effective sparsity is ``target``.
+    """Per-layer sparsity levels of the block whose effective sparsity is closest to ``target``:
+    the row of :func:`greedy_path` closest to it (all levels 0 when the path is empty)."""
+    rows = greedy_path(ctx, target, threshold_at, scale, step, last_fraction)
+    if not rows:
+        return {p: 0.0 for p in ctx.names}
+    return min(rows, key=lambda r: abs(r[0] - target))[1]
+
+
+def greedy_path(ctx: BlockCalibration, target: float, threshold_at: ThresholdAt, scale: str = "none",
+                step: float = 0.05, last_fraction: float = 1.0) -> list[tuple[float, dict[str, float]]]:
+    """TEAL's greedy search up to ``target``: after each step, the effective sparsity and the levels
+    (the rows of TEAL's ``lookup/layer-i/results.csv``).
 
     Args:
         ctx: the block's calibration inputs and rerun.
@@ -70,6 +81,4 @@ def greedy_levels(ctx: BlockCalibration, target: float, threshold_at: ThresholdA
             break
         levels[best] += steps[best]
         rows.append((effective(levels, weights), dict(levels)))
-    if not rows:
-        return levels
-    return min(rows, key=lambda r: abs(r[0] - target))[1]
+    return rows
