@@ -29,7 +29,7 @@ from prunus.core.options import option
 class TealOptions:
     greedy: bool = True  # TEAL's block-wise greedy allocation; false: every layer at the target
     step: float = option(0.05, gt=0, max=1)  # TEAL's base_step_size
-    windows: int = option(4, min=1)  # calibration windows the greedy's block error is measured on
+    windows: int = option(1, min=1)  # calibration windows the greedy's block error is measured on
     last_fraction: float = option(1.0, gt=0, max=1)
     bins: int = option(10000, min=3)
     outliers: float = option(0.01, min=0, max=0.49)
