@@ -69,8 +69,8 @@ class LinearCost:
     def numel(self, name):
         return self.sizes[name]
 
-    def error(self, thresholds, scale, last_fraction):
-        return sum(self.cost[n] * t for n, t in thresholds.items())
+    def errors(self, candidates, scale, last_fraction):
+        return [sum(self.cost[n] * t for n, t in c.items()) for c in candidates]
 
 
 def test_greedy_weights_and_steps_follow_teal():
@@ -221,3 +221,22 @@ def test_gates_already_on_the_model_do_not_change_the_calibration(tiny_llama, ca
     x = torch.randn(3, 64)
     q = tiny_llama.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q(x), nn.functional.linear(gate_input(x, first.gates["model.layers.0.self_attn.q_proj"].threshold), q.weight))
+
+
+def test_stacked_candidates_give_the_errors_of_one_forward_each(tiny_llama, calib, one_thread):
+    from prunus.activation.context import BlockCalibration
+    from prunus.oneshot.calibrate import capture_inputs, find_blocks
+
+    prefix, blocks = find_blocks(tiny_llama)
+    chunks = [(c.hidden, c.kwargs) for c in capture_inputs(tiny_llama, blocks, calib, 2, torch.device("cpu"))]
+    layers = [t for t in select(tiny_llama) if t.name.startswith(f"{prefix}.1.")]
+    ctx = BlockCalibration.collect(1, blocks[1], layers, chunks, windows=3)  # a whole chunk and half of one
+    cands = [{n: 0.05 * (i + 1) * (j == i) + 0.02 for j, n in enumerate(ctx.names)} for i in range(len(ctx.names))]
+    for scale in ("none", "colnorm"):
+        one_by_one = [ctx.error(c, scale) for c in cands]
+        assert ctx.errors(cands, scale) == pytest.approx(one_by_one, rel=1e-5)
+        assert ctx._batched is True
+        assert len(set(one_by_one)) >= 5  # the candidates differ
+    ctx._batched = None
+    ctx._stacked = lambda *a: (_ for _ in ()).throw(RuntimeError("shape"))  # a block that cannot stack
+    assert ctx.errors(cands) == pytest.approx([ctx.error(c) for c in cands], rel=1e-7) and ctx._batched is False

@@ -63,6 +63,7 @@ class BlockCalibration:
         self._inputs = inputs
         self._subset = subset
         self._reference: Optional[list[Tensor]] = None
+        self._batched: Optional[bool] = None  # whether stacking candidates along the batch works here
         self._norms: dict[str, Tensor] = {}
         self._dists: dict[tuple, Distribution] = {}
         self.seed, self.samples = seed, samples
@@ -168,10 +169,77 @@ class BlockCalibration:
     def error(self, thresholds: Mapping[str, float], scale: str = "none", last_fraction: float = 1.0) -> float:
         """TEAL's block error: the L2 norm over the last ``last_fraction`` of the positions of (gated
         output - ungated output), averaged over windows and hidden channels (``greedyopt.py``)."""
+        return _error(self.reference(), self.outputs(thresholds, scale), last_fraction)
+
+    def reference(self) -> list[Tensor]:
+        """The block's ungated outputs on the kept windows."""
         if self._reference is None:
             self._reference = self.outputs({})
-        norms = []
-        for ref, new in zip(self._reference, self.outputs(thresholds, scale)):
-            start = int(new.shape[1] * (1 - last_fraction))
-            norms.append(torch.norm(ref[:, start:] - new[:, start:], dim=1))
-        return float((norms[0] if len(norms) == 1 else torch.cat(norms)).mean())
+        return self._reference
+
+    def errors(self, candidates: Sequence[Mapping[str, float]], scale: str = "none",
+               last_fraction: float = 1.0) -> list[float]:
+        """:meth:`error` of each set of thresholds, computed in one forward per window chunk with the
+        candidates stacked along the batch (each copy gated by its own thresholds). The first call
+        checks the stacked result against :meth:`error` of the first candidate and falls back to
+        one forward per candidate when a model's block does not broadcast over the stacked batch."""
+        if len(candidates) < 2 or self._batched is False:
+            return [self.error(c, scale, last_fraction) for c in candidates]
+        try:
+            got = self._stacked(candidates, scale, last_fraction)
+        except (RuntimeError, ValueError):
+            got = None
+        if self._batched is None:
+            one = self.error(candidates[0], scale, last_fraction)
+            self._batched = got is not None and abs(got[0] - one) <= 1e-5 * max(1.0, abs(one))
+            if not self._batched:
+                return [one] + [self.error(c, scale, last_fraction) for c in candidates[1:]]
+        return got if got is not None else [self.error(c, scale, last_fraction) for c in candidates]
+
+    @torch.no_grad()
+    def _stacked(self, candidates: Sequence[Mapping[str, float]], scale: str, last_fraction: float) -> list[float]:
+        k = len(candidates)
+        handles = [t.module.register_forward_pre_hook(
+            StackedGate(torch.tensor([float(c.get(t.name, 0.0)) for c in candidates]), self.scale_of(t.name, scale)),
+            with_kwargs=True) for t in self.layers]
+        try:
+            outs = []
+            for hidden, kwargs in self._subset:
+                b = hidden.shape[0]
+                rep = map_tensors(kwargs, lambda t: t.repeat(k, *[1] * (t.ndim - 1)) if b > 1 and t.ndim and
+                                  t.shape[0] == b else t)
+                out = _output(self.block(hidden.repeat(k, *[1] * (hidden.ndim - 1)), **rep))
+                if out.shape[0] != k * b:
+                    raise ValueError("the block did not keep the stacked batch")
+                outs.append(out.reshape(k, b, *out.shape[1:]))
+        finally:
+            for h in handles:
+                h.remove()
+        ref = self.reference()
+        return [_error(ref, [o[i] for o in outs], last_fraction) for i in range(k)]
+
+
+class StackedGate:
+    """A pre-hook for ``k`` copies of the input stacked along the batch, each gated at its own
+    threshold exactly as :func:`~prunus.activation.gate.gate_input` gates one."""
+
+    def __init__(self, thresholds: Tensor, scale: Optional[Tensor]) -> None:
+        self.thresholds, self.scale = thresholds, scale
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = args[0]
+        k = self.thresholds.numel()
+        xs = x.reshape(k, -1, x.shape[-1])
+        score = xs.abs().float()
+        if self.scale is not None:
+            score = score * self.scale.to(device=x.device, dtype=torch.float32)
+        thr = self.thresholds.to(x.device).view(k, 1, 1)
+        return (xs.masked_fill(score < thr, 0.0).reshape(x.shape),) + tuple(args[1:]), kwargs
+
+
+def _error(reference: Sequence[Tensor], outputs: Sequence[Tensor], last_fraction: float) -> float:
+    norms = []
+    for ref, new in zip(reference, outputs):
+        start = int(new.shape[1] * (1 - last_fraction))
+        norms.append(torch.norm(ref[:, start:] - new[:, start:], dim=1))
+    return float((norms[0] if len(norms) == 1 else torch.cat(norms)).mean())

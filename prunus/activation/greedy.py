@@ -10,7 +10,7 @@ Section 4.2, as ``teal/greedyopt.py`` of FasterDecoding/TEAL does it:
   down = intermediate / hidden): the fraction of the block's weight reads that gating skips;
 - each step tries, for every layer below level 1, raising its level by ``step / weight`` (so every
   candidate skips the same number of weights) and keeps the one whose block output error
-  (:meth:`~prunus.activation.context.BlockCalibration.error`) is smallest; a tie keeps the first layer;
+  (:meth:`~prunus.activation.context.BlockCalibration.errors`) is smallest; a tie keeps the first layer;
 - it stops once the effective sparsity reaches the target, and, like TEAL's lookup of the row
   closest to the target, returns the levels of the step whose effective sparsity is closest to it.
 
@@ -69,12 +69,10 @@ def greedy_path(ctx: BlockCalibration, target: float, threshold_at: ThresholdAt,
     rows: list[tuple[float, dict[str, float]]] = []
     while effective(levels, weights) < target:
         best, best_error = None, float("inf")
-        for p in ctx.names:
-            if levels[p] >= 1:
-                continue
-            trial = dict(levels)
-            trial[p] += steps[p]
-            error = ctx.error({q: threshold_at(q, v) for q, v in trial.items()}, scale, last_fraction)
+        tried = [p for p in ctx.names if levels[p] < 1]
+        trials = [{**levels, p: levels[p] + steps[p]} for p in tried]
+        errors = ctx.errors([{q: threshold_at(q, v) for q, v in t.items()} for t in trials], scale, last_fraction)
+        for p, error in zip(tried, errors):
             if error < best_error:
                 best, best_error = p, error
         if best is None:  # every layer at level 1
