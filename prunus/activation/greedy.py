@@ -63,6 +63,13 @@ def greedy_path(ctx: BlockCalibration, target: float, threshold_at: ThresholdAt,
         last_fraction: the error counts the last fraction of each window's positions (TEAL: 0.25,
             because it gates only the second half of a prompt; prunus gates every position: 1).
     """
+    known: dict[tuple[str, float], float] = {}
+
+    def at(layer: str, level: float) -> float:  # most (layer, level) pairs recur from step to step
+        if (layer, level) not in known:
+            known[layer, level] = threshold_at(layer, level)
+        return known[layer, level]
+
     weights = layer_weights(ctx)
     steps = {p: step * (1 / weights[p]) for p in ctx.names}
     levels = {p: 0.0 for p in ctx.names}
@@ -71,7 +78,7 @@ def greedy_path(ctx: BlockCalibration, target: float, threshold_at: ThresholdAt,
         best, best_error = None, float("inf")
         tried = [p for p in ctx.names if levels[p] < 1]
         trials = [{**levels, p: levels[p] + steps[p]} for p in tried]
-        errors = ctx.errors([{q: threshold_at(q, v) for q, v in t.items()} for t in trials], scale, last_fraction)
+        errors = ctx.errors([{q: at(q, v) for q, v in t.items()} for t in trials], scale, last_fraction)
         for p, error in zip(tried, errors):
             if error < best_error:
                 best, best_error = p, error

@@ -41,6 +41,10 @@ class Distribution:
     centers: Tensor
     counts: Tensor
 
+    def __post_init__(self) -> None:  # computed once: icdf is called for many levels
+        object.__setattr__(self, "_total", self.counts.sum())
+        object.__setattr__(self, "_cumulative", torch.cumsum(self.counts, dim=0))
+
     @classmethod
     def binned(cls, values: Tensor, bins: int = 10000, outliers: float = 0.01) -> "Distribution":
         """TEAL's histogram of ``values`` (any shape, signed)."""
@@ -63,9 +67,8 @@ class Distribution:
 
     def icdf(self, q: float) -> float:
         """The value below which a fraction ``q`` of the mass lies (interpolated between centres)."""
-        total = self.counts.sum()
-        cumulative = torch.cumsum(self.counts, dim=0)
-        target = q * total
+        cumulative = self._cumulative
+        target = q * self._total
         idx = int(torch.searchsorted(cumulative, target))
         if idx == 0:
             return float(self.centers[0])
