@@ -67,6 +67,7 @@ class BlockCalibration:
         self._norms: dict[str, Tensor] = {}
         self._dists: dict[tuple, Distribution] = {}
         self.seed, self.samples = seed, samples
+        self.block_outputs: list[Tensor] = []  # the ungated block's outputs per chunk (from collect)
 
     @classmethod
     @torch.no_grad()
@@ -76,6 +77,7 @@ class BlockCalibration:
         distinct input); keep the first ``windows`` windows (all: None) for :meth:`error`."""
         parts: dict[str, list[Tensor]] = {t.name: [] for t in layers}
         owner: dict[str, str] = {}  # layer -> the first layer that read the same tensor
+        outputs: list[Tensor] = []
         for hidden, kwargs in chunks:
             seen: dict[int, tuple[str, Tensor]] = {}
 
@@ -91,7 +93,7 @@ class BlockCalibration:
 
             handles = [t.module.register_forward_pre_hook(keep(t.name)) for t in layers]
             try:
-                block(hidden, **kwargs)
+                outputs.append(_output(block(hidden, **kwargs)))
             finally:
                 for h in handles:
                     h.remove()
@@ -102,7 +104,9 @@ class BlockCalibration:
                 inputs[src] = torch.cat(parts[src]) if len(parts[src]) > 1 else parts[src][0]
             inputs[t.name] = inputs[src]
         subset = list(chunks) if windows is None else take_windows(chunks, windows)
-        return cls(index, block, layers, inputs, subset, seed, samples)
+        ctx = cls(index, block, layers, inputs, subset, seed, samples)
+        ctx.block_outputs = outputs
+        return ctx
 
     # ----------------------------------------------------------------- inputs and scores
 

@@ -126,12 +126,13 @@ def _calibrate(model: nn.Module, calib: Tensor, targets: Sequence[Target], spars
     windows = getattr(opts, "windows", None) if getattr(opts, "greedy", False) else 0
     samples = getattr(opts, "samples", 1 << 21)
 
-    def step(i: int, block: nn.Module, mine: Sequence[Target], inputs: Any, _dense: Any) -> None:
+    def step(i: int, block: nn.Module, mine: Sequence[Target], inputs: Any, _dense: Any) -> Optional[list[Tensor]]:
         if not mine:
-            return
+            return None
         ctx = BlockCalibration.collect(i, block, mine, inputs, windows, seed=seed, samples=samples)
         got = entry.calibrate(ctx, sparsity, opts)
         gates.update({t.name: got[t.name] for t in mine})
+        return ctx.block_outputs  # the stream goes on ungated: the block ran as it stays
 
     if gated:
         run_blockwise(model, calib, gated, frozenset(), None, device=device, batch_size=batch_size, seed=seed,

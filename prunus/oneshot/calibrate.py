@@ -48,7 +48,9 @@ from prunus.core.units import find_blocks  # noqa: F401  (re-exported: the loop'
 
 OnLayer = Callable[[Target, LayerStats], None]
 # after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
-AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]], None]
+# -> None, or the block's outputs per chunk when it ran the block unchanged
+AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]],
+                      Optional[list[Tensor]]]
 
 
 @dataclass
@@ -222,7 +224,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         after_block: called once per block after its targets are pruned, with the block's
             pruned-stream inputs and the dense block's outputs per chunk (a dense stream is kept
             for it); it may update the block (see :mod:`prunus.oneshot.steps.reconstruct`), whose outputs are
-            then recomputed.
+            then recomputed, or return the block's outputs per chunk when it ran the block as it stays.
         dense_stream: keep the dense stream for ``after_block`` (False: it gets None for the dense
             outputs, and each block runs once less).
     """
@@ -279,8 +281,9 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             col.dense_inputs = {}
         if after_block is not None:
             outs = None  # recomputed below; not held while the block is tuned
-            after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
-            outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+            outs = after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
+            if outs is None:
+                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         for c, o in zip(chunks, outs):
             c.hidden = o
         if device.type != "cpu":
