@@ -240,3 +240,17 @@ def test_stacked_candidates_give_the_errors_of_one_forward_each(tiny_llama, cali
     ctx._batched = None
     ctx._stacked = lambda *a: (_ for _ in ()).throw(RuntimeError("shape"))  # a block that cannot stack
     assert ctx.errors(cands) == pytest.approx([ctx.error(c) for c in cands], rel=1e-7) and ctx._batched is False
+
+
+def test_encoders_are_gated_through_the_same_loop(one_thread):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 100, (4, 16))
+    res = sparsify_activations(bert, ids, 0.3, "wina", options={"windows": 2}, progress=False)
+    assert len(res.gates) == 12 and not res.dense  # query/key/value/output + intermediate/output, 2 layers
+    with count_inputs(bert) as counts, torch.no_grad():
+        bert(input_ids=ids)
+    assert all(c[1] > 0 for c in counts.values())
