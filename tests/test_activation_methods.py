@@ -124,7 +124,8 @@ def _inputs(model, calib):
 
 def test_uniform_zeroes_the_target_fraction_of_every_layer(tiny_llama, calib, one_thread):
     xs = _inputs(tiny_llama, calib)
-    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.4, "uniform", progress=False)
+    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.4, "uniform", {"stream": "ungated"},
+                                progress=False)
     assert set(res.gates) == set(xs) and not res.dense
     for name, g in res.gates.items():
         frac = float((xs[name].abs() < g.threshold).float().mean())
@@ -151,8 +152,8 @@ def test_teal_and_wina_reach_the_block_target_weighted_by_size(tiny_llama, calib
 
 def test_teal_without_greedy_gives_every_layer_the_target(tiny_llama, calib, one_thread):
     xs = _inputs(tiny_llama, calib)
-    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "teal", {"greedy": False},
-                                progress=False)
+    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "teal",
+                                {"greedy": False, "stream": "ungated"}, progress=False)
     for name, g in res.gates.items():
         d = Distribution.binned(xs[name])
         assert g.threshold == pytest.approx(max(0.0, d.icdf(0.75)), rel=1e-6)
@@ -161,12 +162,32 @@ def test_teal_without_greedy_gives_every_layer_the_target(tiny_llama, calib, one
 def test_wina_scores_use_the_column_norms_of_the_current_weights(tiny_llama, calib, one_thread):
     xs = _inputs(tiny_llama, calib)
     name = "model.layers.1.mlp.down_proj"
-    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "wina", {"greedy": False},
-                                progress=False)
+    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "wina",
+                                {"greedy": False, "stream": "ungated"}, progress=False)
     w = dict(tiny_llama.named_modules())[name].weight
     scores = xs[name].abs() * w.norm(dim=0)
     frac = float((scores < res.gates[name].threshold).float().mean())
     assert frac == pytest.approx(0.5, abs=1e-3) and res.gates[name].sparsity == pytest.approx(frac, abs=1e-6)
+
+
+def test_the_gated_stream_calibrates_each_block_on_the_gated_blocks_before_it(tiny_llama, calib, one_thread):
+    from prunus.activation import attach_gates
+
+    res = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "uniform", progress=False)
+    first = {n: g for n, g in res.gates.items() if ".layers.0." in n}
+    attach_gates(tiny_llama, first)  # what block 1 sees at run time
+    xs = _inputs(tiny_llama, calib)
+    detach_gates(tiny_llama)
+    for name, g in res.gates.items():
+        if ".layers.1." in name:
+            assert g.sparsity == pytest.approx(float((xs[name].abs() < g.threshold).float().mean()), abs=1e-6)
+            assert g.sparsity == pytest.approx(0.5, abs=2 / xs[name].numel() + 1e-6)
+    ungated = calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "uniform", {"stream": "ungated"},
+                                    progress=False)
+    assert all(ungated.gates[n] == g for n, g in first.items())  # block 0 sees the same either way
+    assert any(ungated.gates[n] != g for n, g in res.gates.items() if ".layers.1." in n)
+    with pytest.raises(SpecError, match="stream must be gated or ungated"):
+        calibrate_activations(tiny_llama, calib, select(tiny_llama), 0.5, "uniform", {"stream": "both"})
 
 
 def test_sparsify_attaches_and_the_model_meets_its_target(tiny_llama, calib, one_thread):

@@ -122,7 +122,8 @@ def _reference_distribution(ref, tmp_path, key, x):
 def test_teal_histogram_thresholds_match_the_reference(teal_ref, setup, tmp_path):
     model, calib, _ = setup
     xs = _inputs(model, calib)
-    ours = calibrate_activations(model, calib, select(model), 0.4, "teal", {"greedy": False}, progress=False)
+    ours = calibrate_activations(model, calib, select(model), 0.4, "teal", {"greedy": False, "stream": "ungated"},
+                                 progress=False)
     for name, x in xs.items():
         distr = _reference_distribution(teal_ref, tmp_path, SHORT[name.rsplit(".", 1)[-1]] + name.split(".")[2], x)
         fn = teal_ref.utils.SparsifyFn(distr)
@@ -186,7 +187,8 @@ def test_teal_greedy_search_matches_the_reference(teal_ref, setup, tmp_path):
 def test_teal_model_outputs_match_the_reference_gating(teal_ref, setup, tmp_path):
     model, calib, ev = setup
     xs = _inputs(model, calib)
-    ours = calibrate_activations(model, calib, select(model), 0.5, "teal", {"greedy": False}, progress=False)
+    ours = calibrate_activations(model, calib, select(model), 0.5, "teal", {"greedy": False, "stream": "ungated"},
+                                 progress=False)
     handles = []
     for name, x in xs.items():
         fn = teal_ref.utils.SparsifyFn(_reference_distribution(teal_ref, tmp_path, name.replace(".", "_"), x))

@@ -22,7 +22,7 @@ from prunus.oneshot.calibrate import map_tensors
 Chunk = tuple[Tensor, dict]
 
 
-def _output(out: Any) -> Tensor:
+def block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -93,7 +93,7 @@ class BlockCalibration:
 
             handles = [t.module.register_forward_pre_hook(keep(t.name)) for t in layers]
             try:
-                outputs.append(_output(block(hidden, **kwargs)))
+                outputs.append(block_output(block(hidden, **kwargs)))
             finally:
                 for h in handles:
                     h.remove()
@@ -165,7 +165,7 @@ class BlockCalibration:
                                                       with_kwargs=True)
                    for t in self.layers if thresholds.get(t.name, 0.0) > 0]
         try:
-            return [_output(self.block(h, **kw)) for h, kw in self._subset]
+            return [block_output(self.block(h, **kw)) for h, kw in self._subset]
         finally:
             for h in handles:
                 h.remove()
@@ -212,7 +212,7 @@ class BlockCalibration:
                 b = hidden.shape[0]
                 rep = map_tensors(kwargs, lambda t: t.repeat(k, *[1] * (t.ndim - 1)) if b > 1 and t.ndim and
                                   t.shape[0] == b else t)
-                out = _output(self.block(hidden.repeat(k, *[1] * (hidden.ndim - 1)), **rep))
+                out = block_output(self.block(hidden.repeat(k, *[1] * (hidden.ndim - 1)), **rep))
                 if out.shape[0] != k * b:
                     raise ValueError("the block did not keep the stacked batch")
                 outs.append(out.reshape(k, b, *out.shape[1:]))

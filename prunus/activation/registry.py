@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 from prunus.activation.gate import Gate
 from prunus.core.options import NoOptions, build_options
 from prunus.core.registry import discover, lookup
+from prunus.errors import SpecError
 
 Calibrate = Callable[[Any, float, Any], Mapping[str, Gate]]
 
@@ -36,6 +37,15 @@ class ActivationMethod:
 
 
 METHODS: dict[str, ActivationMethod] = {}
+STREAMS = ("gated", "ungated")
+
+
+def check_stream(stream: str) -> None:
+    """A method's ``stream`` option: ``gated`` (each block is calibrated on what the gated blocks before
+    it give, as at run time) or ``ungated`` (the model's own stream, as TEAL's and WINA's reference
+    calibration does)."""
+    if stream not in STREAMS:
+        raise SpecError(f"activation option stream must be gated or ungated, got {stream!r}")
 
 
 def activation_method(name: str, *, options: type = NoOptions, paper: str = "",

@@ -3,9 +3,10 @@
 :func:`calibrate_activations` runs :func:`prunus.oneshot.calibrate.run_blockwise` over the
 calibration windows with a block step that, for each block, collects its layers' inputs
 (:class:`~prunus.activation.context.BlockCalibration`) and asks the method for a gate per layer.
-The stream between blocks is the model's own, ungated (as TEAL's histograms and greedy search
-are), and runs after any weight pruning, so thresholds and WINA's column norms see the final
-weights. Layers that cannot be gated (not an ``nn.Linear`` or prunus kernel layer, or outside the
+The stream between blocks runs through each block's new gates (the method option ``stream=gated``,
+the default: later blocks are calibrated on what they will see) or not (``ungated``, as TEAL's and
+WINA's references calibrate), and the whole pass runs after any weight pruning, so thresholds and
+WINA's column norms see the final weights. Layers that cannot be gated (not an ``nn.Linear`` or prunus kernel layer, or outside the
 transformer blocks) stay dense and are listed in :attr:`ActivationResult.dense`.
 
 Example:
@@ -19,9 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from prunus.activation.context import BlockCalibration
+from prunus.activation.context import BlockCalibration, block_output
 from prunus.activation.gate import ACT_KEY, Gate, attach_gates, detach_gates, gates_of, servable
 from prunus.activation.registry import get, options_for
 from prunus.activation.store import gates_metadata
@@ -131,8 +133,17 @@ def _calibrate(model: nn.Module, calib: Tensor, targets: Sequence[Target], spars
             return None
         ctx = BlockCalibration.collect(i, block, mine, inputs, windows, seed=seed, samples=samples)
         got = entry.calibrate(ctx, sparsity, opts)
-        gates.update({t.name: got[t.name] for t in mine})
-        return ctx.block_outputs  # the stream goes on ungated: the block ran as it stays
+        mine_gates = {t.name: got[t.name] for t in mine}
+        gates.update(mine_gates)
+        if getattr(opts, "stream", "ungated") == "ungated":
+            return ctx.block_outputs  # the block ran as it stays: its outputs go on
+        del ctx
+        attach_gates(model, mine_gates)  # the next block sees this one's gated outputs, as at run time
+        try:
+            with torch.no_grad():
+                return [block_output(block(h, **kw)) for h, kw in inputs]
+        finally:
+            detach_gates(block)
 
     if gated:
         run_blockwise(model, calib, gated, frozenset(), None, device=device, batch_size=batch_size, seed=seed,

@@ -11,8 +11,10 @@ target level (TEAL's "uniform" mode).
 
 Where prunus differs from the reference: a gate zeroes every position of a window, so the error
 counts every position (``last_fraction=1``; TEAL gates the second half of a prompt and scores its
-last quarter), the search runs on ``windows`` calibration windows (TEAL: 10 of 2048 tokens), and a
-distribution is estimated from at most ``samples`` values.
+last quarter), the search runs on ``windows`` calibration windows (TEAL: 10 of 2048 tokens), a
+distribution is estimated from at most ``samples`` values, and by default (``stream=gated``) each
+block is calibrated on the outputs of the blocks before it with their gates on, as the model runs
+(TEAL calibrates every block on the ungated model: ``stream=ungated``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from prunus.activation.greedy import greedy_levels
 from prunus.activation.histogram import teal_threshold
-from prunus.activation.registry import activation_method
+from prunus.activation.registry import activation_method, check_stream
 from prunus.core.options import option
 
 
@@ -34,6 +36,10 @@ class TealOptions:
     bins: int = option(10000, min=3)
     outliers: float = option(0.01, min=0, max=0.49)
     samples: int = option(1 << 21, min=0)
+    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
+
+    def __post_init__(self) -> None:
+        check_stream(self.stream)
 
 
 @activation_method("teal", options=TealOptions, paper="Liu et al. 2024, Training-Free Activation Sparsity "

@@ -11,8 +11,8 @@ pruned and quantized weights.
 
 Where prunus differs from the reference: the paper's score is used on every linear (the reference
 code weights only k_proj and gate_proj by column norms, after its optional orthogonal transform
-of the model, which prunus does not apply), every position is gated, and the search settings are
-TEAL's (see :mod:`prunus.activation.methods.teal`).
+of the model, which prunus does not apply), every position is gated, and the search settings and
+the calibration stream are TEAL's (see :mod:`prunus.activation.methods.teal`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from prunus.activation.greedy import greedy_levels
 from prunus.activation.histogram import score_threshold
-from prunus.activation.registry import activation_method
+from prunus.activation.registry import activation_method, check_stream
 from prunus.core.options import option
 
 
@@ -32,6 +32,10 @@ class WinaOptions:
     windows: int = option(1, min=1)
     last_fraction: float = option(1.0, gt=0, max=1)
     samples: int = option(1 << 21, min=0)
+    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
+
+    def __post_init__(self) -> None:
+        check_stream(self.stream)
 
 
 @activation_method("wina", options=WinaOptions, scale="colnorm", paper="Chen et al. 2025, WINA: Weight "
