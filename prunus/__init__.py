@@ -21,6 +21,7 @@ _LAZY = {
     "SparsitySpec": ("prunus.core.spec", "SparsitySpec"),
     "parse_sparsity": ("prunus.core.spec", "parse_sparsity"),
     "load": ("prunus.io.models", "load_checkpoint"),
+    "sparsify_activations": ("prunus.activation.sparsify", "sparsify_activations"),
     "save": ("prunus.export", "save"),
     "load_model": ("prunus.io.models", "load_model"),
     "perplexity": ("prunus.evaluate", "perplexity"),

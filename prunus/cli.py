@@ -42,6 +42,9 @@ def _add_prune(sub: Any) -> None:
                         "calibration windows towards the dense block's outputs (default off)")
     p.add_argument("--step", help="block step(s) run on each block after it is pruned, comma-separated "
                                   "(prunus list); options as steps.NAME.KEY=VALUE")
+    p.add_argument("--activation-sparsity", help="also zero this fraction of every linear's inputs at run time "
+                   "(0.25 or 25%%; thresholds calibrated on --calib after the weights are pruned)")
+    p.add_argument("--activation-method", help="activation thresholds: teal (default), wina, uniform")
     p.add_argument("--calib", help="calibration text: a file, book:NAME or hf:DATASET[:CONFIG][:SPLIT]")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
@@ -57,7 +60,8 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--plot", help="write a PNG comparing perplexity and per-layer sparsity")
     p.add_argument("--device", help="where calibration and evaluation run: cpu (default), cuda")
     p.add_argument("--seed", type=int, help="seed for calibration windows and random pruning (default 0)")
-    p.add_argument("--baselines", help="comma-separated subset of dense,magnitude,random (default all)")
+    p.add_argument("--baselines", help="comma-separated subset of dense,magnitude,random,weights-only,"
+                                       "uniform-activation (default all)")
     p.add_argument("--no-baselines", action="store_true", help="run only the method(s)")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="evaluation windows per forward")
     p.add_argument("--dtype", help="working dtype: auto (the checkpoint's, default), float32, bfloat16, float16")
@@ -237,6 +241,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for flag, key in (("structure_allocation", "allocation"), ("heads_unit", "heads"), ("compensate", "compensate")):
         if getattr(args, flag, None) is not None:
             d["structure"] = {**dict(d.get("structure") or {}), key: getattr(args, flag)}
+    for flag, key in (("activation_sparsity", "sparsity"), ("activation_method", "method")):
+        if getattr(args, flag, None) is not None:
+            d["activation"] = {**dict(d.get("activation") or {}), key: getattr(args, flag)}
     if getattr(args, "reconstruct", None) is not None:
         d["reconstruct"] = {**dict(d.get("reconstruct") or {}), "epochs": args.reconstruct}
     if args.step:
@@ -263,8 +270,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import time
 
+    from prunus.activation import measured
+    from prunus.evaluate import count_zeros, peak_rss_mb, perplexity, uses_embeddings
     from prunus.io import data
-    from prunus.evaluate import count_zeros, peak_rss_mb, perplexity
     from prunus.io.models import check_device, load_model
     from prunus.oneshot.runner import write_json
 
@@ -275,9 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         check_out_file(args.json)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, runtime="auto")  # as it runs: the stored kernel plan applied
-    from prunus.evaluate import uses_embeddings
-
+    model, tok = load_model(args.model, runtime="auto")  # as it runs: the stored kernel plan and gates applied
     if uses_embeddings(model):
         from prunus.errors import ModelError
 
@@ -287,14 +293,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     windows = data.eval_windows(ids, args.seqlen, args.windows)
     model.to(args.device)
     t1 = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device,
-                     progress=not args.quiet)
+    ppl, act = measured(model, lambda: perplexity(model, windows, batch_size=args.batch_size, device=args.device,
+                                                  progress=not args.quiet))
     zeros, total = count_zeros(model)
     res = {"model": args.model, "text": args.text, "seqlen": args.seqlen, "windows": int(windows.shape[0]),
            "perplexity": ppl, "sparsity": zeros / max(1, total), "load_seconds": t1 - t0,
-           "seconds": time.perf_counter() - t1, "peak_rss_mb": round(peak_rss_mb(), 1)}
-    print(f"{args.model}: perplexity {ppl:.3f} over {res['windows']} x {args.seqlen} tokens; "
-          f"sparsity of prunable layers {res['sparsity']:.4f}; {res['seconds']:.1f} s")
+           "seconds": time.perf_counter() - t1, "peak_rss_mb": round(peak_rss_mb(), 1), "activation_sparsity": act}
+    print(f"{args.model}: perplexity {ppl:.3f} over {res['windows']} x {args.seqlen} tokens; sparsity of prunable "
+          f"layers {res['sparsity']:.4f}" + (f"; activation sparsity {act['achieved']:.4f}" if act else "")
+          + f"; {res['seconds']:.1f} s")
     if args.json:
         write_json(res, args.json)
     return 0
@@ -302,6 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from prunus import budgets
+    from prunus.activation import load_all as load_activation
     from prunus.algorithms import METHODS, REFINERS, load_all
     from prunus.oneshot import steps
     from prunus.report import table
@@ -318,6 +326,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows += [{"kind": "allocation", "name": a.name, "needs": "calibration" if a.needs else "-",
               "patterns": "all" if a.name == "uniform" else "all but N:M", "paper": a.paper}
              for a in sorted(budgets.load_all().values(), key=lambda a: a.name)]
+    rows += [{"kind": "activation", "name": a.name, "needs": "calibration", "patterns": f"inputs (score: {a.scale})",
+              "paper": a.paper} for a in sorted(load_activation().values(), key=lambda a: a.name)]
     from prunus.structured import load_all as load_structure
     from prunus.structured.allocate import ALLOCATIONS
 

@@ -54,13 +54,17 @@ def quality_key(rows: Sequence[dict[str, Any]]) -> str:
 
 def prune_table(rows: Sequence[dict[str, Any]]) -> str:
     """The ``prunus prune`` comparison table (dense, each method, magnitude, random); with
-    structured runs, also the parameters left and the fraction of block parameters removed. An
+    structured runs, also the parameters left and the fraction of block parameters removed; with
+    activation-sparse runs, the activation sparsity they achieved (``act sparsity``). An
     encoder's runs show the embedding similarity to dense (4 decimals) in place of perplexity."""
     columns = PRUNE_COLUMNS
+    if any(r.get("activation") for r in rows):  # activation sparsity achieved on the evaluation data
+        rows = [{**r, "act_achieved": (r.get("activation") or {}).get("achieved")} for r in rows]
+        columns = columns[:4] + (("act_achieved", "act sparsity"),) + columns[4:]
     if quality_key(rows) == "similarity":
         rows = [{**r, "similarity_text": None if r.get("similarity") is None else f"{r['similarity']:.4f}"}
                 for r in rows]
-        columns = PRUNE_COLUMNS[:2] + (SIMILARITY_COLUMN,) + PRUNE_COLUMNS[3:]
+        columns = columns[:2] + (SIMILARITY_COLUMN,) + columns[3:]
     if not any(r.get("structure") for r in rows):
         return table(rows, columns)
     rows = [{**r, "parameters_m": r["parameters"] / 1e6 if r.get("parameters") else None,

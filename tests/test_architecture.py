@@ -110,7 +110,8 @@ LAYERS = {
     "prunus.export": {"prunus", "prunus.errors", "prunus.core", "prunus.io"},  # never kernels
     "prunus.oneshot": {"prunus", "prunus.errors", "prunus.core", "prunus.criteria", "prunus.budgets",
                        "prunus.algorithms", "prunus.io", "prunus.export", "prunus.evaluate",
-                       "prunus.structured"},  # the job and runner hand structured specs over
+                       "prunus.structured", "prunus.activation"},  # the job and runner hand structured specs over
+    "prunus.activation": {"prunus.errors", "prunus.core", "prunus.oneshot"},  # oneshot: calibrate only (below)
     "prunus.structured": {"prunus", "prunus.errors", "prunus.core", "prunus.algorithms", "prunus.oneshot"},
 }
 
@@ -125,3 +126,15 @@ def test_layers_import_only_what_they_may(layer):
     bad = sorted((m, t) for m, ts in import_graph().items() if _layer(m) == layer
                  for t in ts if _layer(t) != layer and _layer(t) not in LAYERS[layer])
     assert bad == []
+
+
+def test_activation_reuses_only_the_calibration_loop():
+    """prunus.activation sits low: of the one-shot package it imports the calibration loop alone, and
+    of io only io.models imports it (to attach stored gates on load)."""
+    graph = import_graph()
+    oneshot = sorted({t for m, ts in graph.items() if _layer(m) == "prunus.activation"
+                      for t in ts if _layer(t) == "prunus.oneshot"})
+    assert oneshot == ["prunus.oneshot.calibrate"]
+    io_users = sorted(m for m, ts in graph.items() if _layer(m) == "prunus.io"
+                      and any(_layer(t) == "prunus.activation" for t in ts))
+    assert io_users == ["prunus.io.models"]

@@ -130,6 +130,18 @@ def parse_ratio(text: str | float) -> float:
     return value
 
 
+def parse_activation_sparsity(text: str | float) -> float:
+    """An activation sparsity (``0.25`` or ``25%``): the fraction of a linear's inputs zeroed at run
+    time, in [0, 1) (1 would zero every input); anything else is a SpecError."""
+    try:
+        value = parse_ratio(text)
+    except SpecError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise SpecError(f"invalid activation sparsity {text!r}: expected a ratio in [0, 1) like 0.25 or 25%")
+    return value
+
+
 def parse_sparsity(text: str | float) -> tuple[Pattern, float]:
     """Parse a sparsity string into ``(pattern, sparsity)``. See the module docstring for the grammar."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):

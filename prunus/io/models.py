@@ -115,9 +115,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype | None = torch.float32
 
 
 def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, runtime: str = "auto") -> nn.Module:
-    """Load a checkpoint folder of any format (:func:`prunus.export.load`) and, with
-    ``runtime="auto"``, apply the kernel plan stored in it; this is :func:`prunus.load`.
+                    dtype: torch.dtype | None = None, runtime: str = "auto", activation: bool = True) -> nn.Module:
+    """Load a checkpoint folder of any format (:func:`prunus.export.load`), with ``runtime="auto"``
+    apply its kernel plan, then attach its activation gates (:mod:`prunus.activation`); :func:`prunus.load`.
 
     Args:
         path: a folder written by :func:`prunus.save` or by transformers' ``save_pretrained``.
@@ -125,20 +125,27 @@ def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
         dtype: cast floating weights to this dtype; ``None`` keeps the stored dtype.
         runtime: ``auto`` applies the kernel plan stored by ``prunus export --runtime auto``
             (sparse kernels only where they were measured faster); ``dense`` ignores it.
+        activation: attach the stored activation gates (False: load without them).
 
     Raises:
-        CheckpointError: missing, not a checkpoint, pickle, truncated or tampered with.
+        CheckpointError: missing, not a checkpoint, pickle, truncated or tampered with; malformed gates.
         KernelError: the stored plan does not match the model.
+        ModelError: stored activation thresholds for a layer the model lacks (named).
     """
     from prunus import export  # lazy: the export formats are not needed to load plain models
 
     model = export.load(path, device=device, dtype=dtype)
+    meta = export.read_metadata(path)
     if runtime == "auto":
-        meta = export.read_metadata(path)
         from prunus.kernels.plans import PLAN_KEY, apply_stored_plan  # lazy: only for a plan
 
         if PLAN_KEY in meta:
             apply_stored_plan(model, meta, export.load_masks(path), export.load_quantized(path))
+    if activation:
+        from prunus.activation import reattach_gates, read_gates  # lazy: only for stored gates
+
+        if gates := read_gates(meta):
+            reattach_gates(model, gates)  # after the plan: on the kernel modules now at those names
     return model
 
 

@@ -49,7 +49,9 @@ from prunus.core.units import find_blocks  # noqa: F401  (re-exported: the loop'
 
 OnLayer = Callable[[Target, LayerStats], None]
 # after_block(index, block, its targets, per chunk (pruned-stream inputs, kwargs), per chunk dense outputs)
-AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]], None]
+# -> None, or the block's outputs per chunk when it ran the block unchanged
+AfterBlock = Callable[[int, nn.Module, Sequence[Target], Sequence[tuple[Tensor, dict]], Sequence[Tensor]],
+                      Optional[list[Tensor]]]
 
 
 class Residency(Protocol):
@@ -224,7 +226,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         targets: layers to collect statistics for; every one must sit inside a block.
         needs: statistics to collect (names from ``prunus.core.stats.STAT_NAMES``).
         on_layer: called once per target with its statistics; may rewrite the weight in place.
-            None runs the model without touching it (used by OWL's statistics pass).
+            None runs the model without touching it (with ``after_block``, each block runs only
+            for it: activation calibration, :mod:`prunus.activation`).
         device: where each block runs; the rest of the model stays where it is.
         batch_size: windows per chunk; None (default) puts all windows in one chunk (in-flight).
         seed: base seed for per-layer seeds in the statistics.
@@ -232,7 +235,7 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
         after_block: called once per block after its targets are pruned, with the block's
             pruned-stream inputs and the dense block's outputs per chunk (a dense stream is kept
             for it); it may update the block (see :mod:`prunus.oneshot.steps.reconstruct`), whose outputs are
-            then recomputed.
+            then recomputed, or return the block's outputs per chunk when it ran the block as it stays.
         dense_stream: keep the dense stream for ``after_block`` (False: it gets None for the dense
             outputs, and each block runs once less).
         residency: where the weights live when they are not all in memory (streaming,
@@ -277,7 +280,8 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
                     col.dense_inputs, dense[0] = _dense_pass(block, mine if want_inputs else [],
                                                              chunks[0], dense[0])
                 col.attach(in_flight=True)
-                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+                if on_layer is not None or after_block is None:  # else nothing to prune: after_block's outputs
+                    outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
             else:
                 for k, c in enumerate(chunks if mine or dense is not None else ()):  # else nothing to collect
                     if dense is not None:
@@ -298,8 +302,9 @@ def run_blockwise(model: nn.Module, windows: Tensor, targets: Sequence[Target], 
             col.dense_inputs = {}
         if after_block is not None:
             outs = None  # recomputed below; not held while the block is tuned
-            after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
-            outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
+            outs = after_block(i, block, mine, [(c.hidden, c.kwargs) for c in chunks], dense)
+            if outs is None:
+                outs = [_block_output(block(c.hidden, **c.kwargs)) for c in chunks]
         for c, o in zip(chunks, outs):
             c.hidden = o
         if residency is not None:

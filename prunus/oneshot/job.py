@@ -15,6 +15,7 @@ A recipe (``recipes/wanda_2of4.yaml``)::
     seqlen: 512
 
     steps: {reconstruct: {epochs: 4}}   # block steps run on each block after it is pruned
+    activation: {sparsity: 0.25, method: teal}   # then activation thresholds, calibrated on the pruned model
 
 and ``prunus prune --recipe recipes/wanda_2of4.yaml method=sparsegpt method_options.blocksize=64``.
 ``reconstruct: {epochs: 4}`` (and ``--reconstruct 4``) is shorthand for the block step ``reconstruct``.
@@ -27,6 +28,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from prunus.activation.spec import ActivationSpec, activation_spec
 from prunus.core.options import build_options, check, coerce, option
 from prunus.core.spec import SparsitySpec
 from prunus.core.targets import DEFAULT_EXCLUDE
@@ -38,7 +40,9 @@ from prunus.oneshot.steps import StepRun
 from prunus.structured.prune import StructureOptions
 from prunus.structured.run import check_remainder_method, is_unit_criterion, structure_method_for
 
-BASELINES = ("dense", "magnitude", "random")
+BASELINES = ("dense", "magnitude", "random", "weights-only", "uniform-activation")
+# weights-only and uniform-activation are the baselines of an activation-sparse run: the same weights
+# without activation sparsity, and with uniform magnitude thresholds at the same target
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class PruneJob:
 
     ``method_options`` pairs each method with its options dataclass; ``refine_options`` and
     ``allocation_options`` are the refiner's and budget's dataclasses (None: defaults); ``steps`` are
-    the block steps of every method run (not of the baselines).
+    the block steps of every method run (not of the baselines); ``activation``: activation thresholds
+    calibrated after each method run (:mod:`prunus.activation`), or None.
     """
 
     model: str
@@ -75,6 +80,7 @@ class PruneJob:
     steps: tuple[StepRun, ...] = ()
     structure_method: Optional[str] = None
     structure_options: Any = None
+    activation: Optional[ActivationSpec] = None
     out: Optional[str] = None
     format: str = "compressed"
     overwrite: bool = False
@@ -91,7 +97,8 @@ class PruneJob:
 
 
 _INT_FIELDS = {"nsamples", "seqlen", "windows", "sentences", "eval_batch_size", "calib_batch_size", "seed"}
-_MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps", "structure")
+_MAPPINGS = ("method_options", "refine_options", "allocation_options", "reconstruct", "steps", "structure",
+             "activation")
 
 
 def _as_list(v: Any) -> list:
@@ -152,6 +159,9 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
             raise SpecError(f"{k} must be a mapping of option: value, got {d[k]!r}")
     steps = _steps(d)
     structure_method, structure_options = _structure(d, specs, methods)
+    activation = activation_spec(d.pop("activation", None))
+    if activation is not None and not d.get("calib"):
+        raise SpecError("--activation-sparsity needs --calib: the thresholds are calibrated on those windows")
     method_options, refine_options, allocation_options = [], None, None
     for m in methods:
         plan = None
@@ -197,7 +207,8 @@ def job_from_mapping(d: Mapping[str, Any]) -> PruneJob:
         d.pop(k, None)
     return PruneJob(methods=methods, specs=specs, baselines=bl, method_options=tuple(method_options),
                     refine_options=refine_options, allocation_options=allocation_options, steps=steps,
-                    structure_method=structure_method, structure_options=structure_options, **d)
+                    structure_method=structure_method, structure_options=structure_options,
+                    activation=activation, **d)
 
 
 LOADS = ("auto", "stream", "memory")

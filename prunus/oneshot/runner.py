@@ -29,6 +29,8 @@ from prunus.core.targets import select
 from prunus.oneshot.quality import Quality, check_positions, summary
 from prunus.evaluate import uses_embeddings
 from prunus.oneshot.dtype import describe_dtype, quant_dtype, working_dtype
+from prunus.activation import detach_gates
+from prunus.oneshot.act_runs import activation_rows, trivial
 
 Log = Callable[[str], None]
 
@@ -87,6 +89,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     model, tokenizer = load_model(job.model, dtype=working_dtype(job))
     model = quant_dtype(job, model, log)
     log(f"loaded {job.model} ({describe_dtype(model)}) in {time.perf_counter() - t0:.1f} s")
+    if n_gated := detach_gates(model):
+        log(f"note: {job.model} carries activation thresholds for {n_gated} layers; they are off while pruning "
+            f"(--activation-sparsity calibrates new ones)")
     check_finite(model, job.model)  # before any window is cut or any layer pruned
     if uses_embeddings(model):
         check_positions(model, job.seqlen)  # before the windows are cut
@@ -138,8 +143,10 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
     saved: Optional[dict[str, Any]] = None
     for spec in job.specs:
         runs = [(m, "method") for m in job.methods]
+        if trivial(spec) and any(b in job.baselines and b not in job.methods for b in ("magnitude", "random")):
+            log(f"note: at sparsity {spec} the magnitude and random baselines are the dense model: skipped")
         runs += [(b, "baseline") for b in ("magnitude", "random")
-                 if b in job.baselines and b not in job.methods]
+                 if b in job.baselines and b not in job.methods and not trivial(spec)]
         for name, role in runs:
             restore()
             plan = None
@@ -159,12 +166,24 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, Any]:
             label = res.label
             for note in (res.structure.notes if res.structure is not None and role == "method" else ()):
                 log(f"note: {note}")
-            scores = quality.score(net, f"{label} {spec}")
-            rows.append(_row(label, role, spec, res, scores, net))
-            log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
-                + (f", {summary(scores)}" if summary(scores) else ""))
+            act_on = job.activation is not None and role == "method"
+            scores: dict[str, Any] = {}
+            if not act_on or ("weights-only" in job.baselines and not (trivial(spec) and "dense" in job.baselines)):
+                scores = quality.score(net, f"{label} {spec}")
+                rows.append(_row(label, "weights-only" if act_on else role, spec, res, scores, net))
+                log(f"{label} {spec}: sparsity {res.sparsity:.4f}, {res.seconds:.1f} s"
+                    + (f", {summary(scores)}" if summary(scores) else ""))
+            act_res = None
+            if act_on:
+                act_rows, act_res = activation_rows(
+                    job, net, calib, quality, label, spec, log=log, weight_seconds=res.seconds,
+                    make_row=lambda lab, rl, sc: _row(lab, rl, spec, res, sc, net))
+                rows += act_rows
+                scores = {"perplexity": act_rows[0].get("perplexity"), "similarity": act_rows[0].get("similarity")}
             if job.out and role == "method" and saved is None:
                 meta = provenance(job, spec, res, scores)
+                if act_res is not None:
+                    meta.update(act_res.metadata())
                 extra = {"quant": res.quant} if res.quant else {}
                 info = export.save(net.to("cpu"), job.out, format=job.format, masks=res.masks,
                                    metadata=meta, tokenizer=tokenizer, overwrite=job.overwrite, **extra)
@@ -210,6 +229,8 @@ def provenance(job: PruneJob, spec: SparsitySpec, res: PruneResult, scores: dict
             "seqlen": job.seqlen, "seed": job.seed, "eval": job.eval, "perplexity": scores.get("perplexity"),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "per_layer": {k: v["achieved"] for k, v in res.per_layer().items()},
+            **({"activation": {"method": job.activation.method, "target": job.activation.sparsity}}
+               if job.activation is not None else {}),
             **({"quant": str(spec.quant)} if spec.quant is not None else {}),
             **({"embedding_similarity": scores["similarity"], "sentences": job.sentences}
                if scores.get("similarity") is not None else {}),
@@ -229,7 +250,8 @@ def _step_options(job: PruneJob, name: str) -> Optional[dict[str, Any]]:
 def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, Any]:
     settings = {"model": job.model, "calib": job.calib, "eval": job.eval, "nsamples": job.nsamples,
                 "seqlen": job.seqlen, "windows": job.windows, "sentences": job.sentences, "seed": job.seed,
-                "device": job.device, "dtype": job.dtype,
+                "device": job.device, "dtype": job.dtype, "activation": None if job.activation is None else
+                {"method": job.activation.method, "sparsity": job.activation.sparsity},
                 "torch_threads": torch.get_num_threads(), "prunus_version": __version__}
     out: dict[str, Any] = {"settings": settings, "runs": rows, "checkpoint": saved}
     main = next((r for r in rows if r["role"] == "method"), None)
@@ -238,6 +260,8 @@ def assemble(job: PruneJob, rows: list[dict[str, Any]], saved: Optional[dict[str
             out[k] = main.get(k)
         if "similarity" in main:
             out["similarity"] = main["similarity"]
+        if "activation" in main:
+            out["activation"] = main["activation"]
         keys = ("perplexity", "similarity", "sparsity", "seconds", "peak_rss_mb")
         out["baselines"] = {r["label"]: {k: r.get(k) for k in keys if k != "similarity" or k in r}
                             for r in rows if r["role"] != "method" and r["spec"] in ("-", main["spec"])}

@@ -1,0 +1,1 @@
+"""Activation methods, one file each (registered by being here): ``teal``, ``wina``, ``uniform``."""
