@@ -60,13 +60,11 @@ def _add_prune(sub: Any) -> None:
     p.add_argument("--plot", help="write a PNG comparing perplexity and per-layer sparsity")
     p.add_argument("--device", help="where calibration and evaluation run: cpu (default), cuda")
     p.add_argument("--seed", type=int, help="seed for calibration windows and random pruning (default 0)")
-    p.add_argument("--baselines", help="comma-separated subset of dense,magnitude,random,weights-only,"
-                                       "uniform-activation (default all)")
+    p.add_argument("--baselines", help="subset of dense,magnitude,random,weights-only,uniform-activation (default all)")
     p.add_argument("--no-baselines", action="store_true", help="run only the method(s)")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="evaluation windows per forward")
     p.add_argument("--dtype", help="working dtype: auto (the checkpoint's, default), float32, bfloat16, float16")
-    p.add_argument("--load", help="stream (block by block from the safetensors shards; the default for "
-                                  "folders and hub ids), memory, or auto")
+    p.add_argument("--load", help="stream (block by block from safetensors shards; default for folders, hub ids), memory, auto")
     p.add_argument("--calib-batch-size", type=int, help="calibration windows per chunk (default: all)")
 
 

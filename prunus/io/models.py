@@ -39,6 +39,7 @@ from torch import nn
 
 from prunus.io.cache import cache_root
 from prunus.io.checks import check_device, check_loaded, quiet_loading
+from prunus.io.gguf import degguf as _degguf
 from prunus.errors import ModelError
 
 ModelSource = Union[str, "os.PathLike[str]"]
@@ -272,31 +273,6 @@ def _load_gguf_raw(path: Path) -> tuple[nn.Module, Any]:
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load GGUF {path}: {_first_line(e)}") from None
     return model, tok
-
-
-def _degguf(model: nn.Module) -> nn.Module:
-    """A plain copy of a GGUF-loaded model, so that ``save_pretrained`` works.
-
-    transformers refuses to save a GGUF-loaded model ("quantized with gguf and is not
-    serializable"), although its weights are already plain dequantized tensors. Rebuilding the
-    model from its config without ``quantization_config`` and loading the state dict fixes that.
-    """
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    config = model.config  # type: ignore[attr-defined]
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    auto = AutoModelForCausalLM
-    try:
-        plain = auto.from_config(config, dtype=torch.float32)
-    except ValueError:
-        auto = AutoModel
-        plain = auto.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        plain.generation_config = generation
-    return plain
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
