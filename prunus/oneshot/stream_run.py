@@ -13,7 +13,8 @@ other job runs in memory (:func:`prunus.oneshot.runner.run_prune`), and ``auto``
   block influence reads every block), ``+int8``/``+int4`` specs (the embedding tables are rounded once
   every block is pruned), budgets that observe the whole model first (``owl``) or rank all weights
   together (``global``, ``erk`` read every weight) — a whole-model pass streamed first would serve
-  them, and is not written yet;
+  them, and is not written yet; activation sparsity (``--activation-sparsity``: its thresholds are
+  calibrated once the weights are pruned, on the whole model);
 - a checkpoint whose tensor names differ from the model's, and a format other than compressed/dense.
 
 A streamed job gives the same rows, masks, weights and checkpoint contents as the in-memory one
@@ -113,6 +114,8 @@ def job_reason(job: PruneJob) -> Optional[str]:
             return f"{spec} rounds the embedding tables once every block is pruned"
         if spec.allocation not in STREAM_ALLOCATIONS:
             return f"the {spec.allocation} budget needs a pass over the whole model first"
+    if job.activation is not None:
+        return "activation thresholds are calibrated on the whole pruned model (not streamed yet)"
     if job.out and job.format not in FORMATS:
         return f"the {job.format} format has no streaming writer ({', '.join(FORMATS)} have)"
     return None
