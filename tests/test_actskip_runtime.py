@@ -38,14 +38,21 @@ def _attach_from(model, meta):
     return model
 
 
-def test_export_keeps_the_metadata_and_warns_without_gates(tmp_path, checkpoint):
+def test_export_keeps_the_metadata_and_attaches_the_gates(tmp_path, checkpoint, monkeypatch):
     from prunus.export import read_metadata
+    from prunus.kernels import runtime
     from prunus.kernels.runtime import export_runtime
 
     ck, meta = checkpoint
     lines = []
     export_runtime(str(ck), str(tmp_path / "out"), runtime="dense", log=lines.append)
     assert read_metadata(tmp_path / "out")["activation_sparsity"] == meta["activation_sparsity"]
+    assert not any("no layer has a gate attached" in line for line in lines)  # load attached them
+    # a model loaded without its gates is planned on dense inputs, and the run says so
+    real = runtime.load_checkpoint
+    monkeypatch.setattr(runtime, "load_checkpoint", lambda path, **kw: real(path, **{**kw, "activation": False}))
+    lines.clear()
+    export_runtime(str(ck), str(tmp_path / "out2"), runtime="dense", log=lines.append)
     assert any("no layer has a gate attached" in line for line in lines)
 
 
