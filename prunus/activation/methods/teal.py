@@ -30,7 +30,7 @@ from prunus.core.options import option
 @dataclass(frozen=True)
 class TealOptions:
     greedy: bool = True  # TEAL's block-wise greedy allocation; false: every layer at the target
-    step: float = option(0.05, gt=0, max=1)  # TEAL's base_step_size
+    step: float = option(0.1, gt=0, max=1)  # TEAL's base_step_size (its default 0.05; 0.1 halves the search)
     windows: int = option(1, min=1)  # calibration windows the greedy's block error is measured on
     last_fraction: float = option(1.0, gt=0, max=1)
     bins: int = option(10000, min=3)

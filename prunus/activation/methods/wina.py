@@ -28,7 +28,7 @@ from prunus.core.options import option
 @dataclass(frozen=True)
 class WinaOptions:
     greedy: bool = True  # TEAL's block-wise greedy allocation (as the WINA reference); false: uniform levels
-    step: float = option(0.05, gt=0, max=1)
+    step: float = option(0.1, gt=0, max=1)
     windows: int = option(1, min=1)
     last_fraction: float = option(1.0, gt=0, max=1)
     samples: int = option(1 << 21, min=0)
