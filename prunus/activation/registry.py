@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from prunus.activation.gate import Gate
-from prunus.core.options import NoOptions, build_options
+from prunus.core.options import NoOptions, build_options, option
 from prunus.core.registry import discover, lookup
 from prunus.errors import SpecError
 
@@ -46,6 +46,29 @@ def check_stream(stream: str) -> None:
     calibration does)."""
     if stream not in STREAMS:
         raise SpecError(f"activation option stream must be gated or ungated, got {stream!r}")
+
+
+@dataclass(frozen=True)
+class SampledOptions:
+    """Options every built-in method shares: ``samples``, the values a layer's distribution is
+    estimated from (0: all of them); ``stream``, see :func:`check_stream`."""
+
+    samples: int = option(1 << 21, min=0)
+    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
+
+    def __post_init__(self) -> None:
+        check_stream(self.stream)
+
+
+@dataclass(frozen=True)
+class GreedyOptions(SampledOptions):
+    """TEAL's block-wise greedy allocation (false: every layer at the target), its step, and the
+    calibration windows (and the last fraction of their positions) its block error is measured on."""
+
+    greedy: bool = True
+    step: float = option(0.1, gt=0, max=1)  # TEAL's base_step_size (its default 0.05; 0.1 halves the search)
+    windows: int = option(1, min=1)
+    last_fraction: float = option(1.0, gt=0, max=1)
 
 
 def activation_method(name: str, *, options: type = NoOptions, paper: str = "",

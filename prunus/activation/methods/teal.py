@@ -23,23 +23,14 @@ from dataclasses import dataclass
 
 from prunus.activation.greedy import greedy_levels
 from prunus.activation.histogram import teal_threshold
-from prunus.activation.registry import activation_method, check_stream
+from prunus.activation.registry import GreedyOptions, activation_method
 from prunus.core.options import option
 
 
 @dataclass(frozen=True)
-class TealOptions:
-    greedy: bool = True  # TEAL's block-wise greedy allocation; false: every layer at the target
-    step: float = option(0.1, gt=0, max=1)  # TEAL's base_step_size (its default 0.05; 0.1 halves the search)
-    windows: int = option(1, min=1)  # calibration windows the greedy's block error is measured on
-    last_fraction: float = option(1.0, gt=0, max=1)
+class TealOptions(GreedyOptions):
     bins: int = option(10000, min=3)
     outliers: float = option(0.01, min=0, max=0.49)
-    samples: int = option(1 << 21, min=0)
-    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
-
-    def __post_init__(self) -> None:
-        check_stream(self.stream)
 
 
 @activation_method("teal", options=TealOptions, paper="Liu et al. 2024, Training-Free Activation Sparsity "

@@ -11,21 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunus.activation.histogram import score_threshold
-from prunus.activation.registry import activation_method, check_stream
-from prunus.core.options import option
+from prunus.activation.registry import SampledOptions, activation_method
 
 
 @dataclass(frozen=True)
-class UniformOptions:
-    """``samples``: values a layer's distribution is estimated from (0: all of them); ``stream``:
-    ``gated`` calibrates each block on the gated outputs of the blocks before it, ``ungated`` on the
-    model's own stream."""
-
-    samples: int = option(1 << 21, min=0)
-    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
-
-    def __post_init__(self) -> None:
-        check_stream(self.stream)
+class UniformOptions(SampledOptions):
+    """``samples`` and ``stream`` only (:class:`~prunus.activation.registry.SampledOptions`)."""
 
 
 @activation_method("uniform", options=UniformOptions, paper="magnitude quantile per layer (TEAL's uniform "

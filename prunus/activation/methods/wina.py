@@ -21,21 +21,12 @@ from dataclasses import dataclass
 
 from prunus.activation.greedy import greedy_levels
 from prunus.activation.histogram import score_threshold
-from prunus.activation.registry import activation_method, check_stream
-from prunus.core.options import option
+from prunus.activation.registry import GreedyOptions, activation_method
 
 
 @dataclass(frozen=True)
-class WinaOptions:
-    greedy: bool = True  # TEAL's block-wise greedy allocation (as the WINA reference); false: uniform levels
-    step: float = option(0.1, gt=0, max=1)
-    windows: int = option(1, min=1)
-    last_fraction: float = option(1.0, gt=0, max=1)
-    samples: int = option(1 << 21, min=0)
-    stream: str = "gated"  # the next block's calibration input: through this block's gates, or ungated
-
-    def __post_init__(self) -> None:
-        check_stream(self.stream)
+class WinaOptions(GreedyOptions):
+    """TEAL's greedy allocation, as the WINA reference uses it (false: uniform levels)."""
 
 
 @activation_method("wina", options=WinaOptions, scale="colnorm", paper="Chen et al. 2025, WINA: Weight "
