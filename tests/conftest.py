@@ -56,6 +56,15 @@ def make_tiny_llama(vocab_size: int = 300, seed: int = 0, hidden: int = 64, inte
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Every test leaves torch's thread count as it found it: a leaked count changes float sums in
+    later tests that compare a run in this process with one in a child process."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """Single-threaded torch for tests on tiny layers: worker threads only add overhead there

@@ -92,10 +92,12 @@ def wina_ref(monkeypatch, tmp_path, on_cpu):
 def setup(tiny_llama, tiny_tokenizer, tiny_text):
     from prunus.io.data import calibration_windows, eval_windows, tokenize
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     calib = calibration_windows(tokenize(tiny_text, tiny_tokenizer), 4, 48, 0)
     ev = eval_windows(tokenize(tiny_text[::-1], tiny_tokenizer), 48, 3)  # other tokens than the calibration's
-    return tiny_llama, calib, ev
+    yield tiny_llama, calib, ev
+    torch.set_num_threads(threads)
 
 
 def _inputs(model, ids):

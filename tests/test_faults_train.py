@@ -61,7 +61,9 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     seed = int(os.environ.get("PRUNUS_FAULT_SEED", "20261122"))
     rng = random.Random(seed)
     ref = tmp_path / "ref.json"
-    assert main(_cmd(tmp_path / "ref-ck", ref, False)[3:]) == 0  # the uninterrupted run, in-process
+    # the uninterrupted run, in a child process like the resumed ones (same threads, same libraries)
+    subprocess.run(_cmd(tmp_path / "ref-ck", ref, False), cwd=ROOT, env=_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck, out = tmp_path / "ck", tmp_path / "out" / "r.json"
     kills = 0
     for attempt in range(6):
