@@ -134,9 +134,12 @@ def main() -> None:
     p.add_argument("--specs", default="50%,2:4")
     p.add_argument("--loads", default="stream,memory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep the checkpoint and outputs here (default: a temporary folder)")
+    p.add_argument("--workdir", help="make the temporary folder of the checkpoint and outputs in this folder "
+                   "(created if missing; the temporary folder is removed afterwards)")
     p.add_argument("--json", help="write the rows here (atomically)")
     a = p.parse_args()
+    if a.workdir:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=a.workdir) as work:
         work_dir = Path(work)
         ckpt = work_dir / "synthetic"

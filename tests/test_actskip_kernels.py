@@ -239,3 +239,55 @@ def test_ops_have_shape_functions_for_compile():
              (ops.skip_bitmap_q8_dense, (mb.wptr, mb.bits, mb.vals, mb.scales_t, 64))]
     for op, args in calls:
         torch.library.opcheck(op, args, test_utils="test_faketensor")
+
+
+
+@pytest.mark.parametrize("scale", ["none", "colnorm"])
+@pytest.mark.parametrize("spec", [None, "int8g64", "int4g32z"])
+def test_a_fused_gate_computes_gate_then_dense(scale, spec, one_thread):
+    """build_module takes the layer's gate hook (prunus.activation's) into a skip kernel: no
+    pre-hook is left on a compiled one, decode (1-4 tokens: the kernel compares the scores with
+    the threshold) and prefill (the hook on the input, then the prefill path) give gate-then-dense;
+    a score equal to the threshold is kept; a gate removed from the model stops applying; a module
+    built from this one gets the hook back."""
+    from prunus.activation.gate import Gate, attach_gates, column_norms, gate_input
+    from prunus.kernels.gating import carry_gate
+    from prunus.kernels.swap import build_module
+
+    lin, keep, qw = _layer(70, 128, 0.5, spec)
+    thr = 0.6
+    attach_gates(nn.ModuleDict({"l": lin}), {"l": Gate(thr, 0.4, scale)})
+    sc = column_norms(lin) if scale == "colnorm" else None
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(3))
+    x[:, 5] = thr / (1.0 if sc is None else float(sc[5]))
+    score5 = x[0, 5].abs() * (1.0 if sc is None else sc[5])
+    # with scale "none" that score equals the threshold (kept); with column norms float32 rounding
+    # decides, and the kernel must decide as gate_input does
+    assert scale == "colnorm" or not bool(score5 < thr)
+
+    def want(z, gated=True):
+        return F.linear(gate_input(z, thr, sc) if gated else z, lin.weight, lin.bias)
+
+    for kernel in _kernels(qw):
+        m = build_module(lin, kernel, name="l", mask=keep, qweight=qw)
+        assert m.gate_hook is not None
+        assert len(m._forward_pre_hooks) == 0
+        for n in (1, 2, 3, 4, 9):
+            _check_against(m(x[:n]), want(x[:n]), qw, x[:n])
+        y0 = m(x[:1]).detach().clone()  # input 5 counts exactly when gate_input keeps it
+        x2 = x[:1].clone()
+        x2[0, 5] = 0.0
+        assert torch.allclose(m(x2), y0) == bool(score5 < thr)
+        new = nn.Linear(128, 70)
+        new.weight.data, new.bias.data = lin.weight.data.clone(), lin.bias.data.clone()
+        carry_gate(m, new)  # the hook goes on; its column norms are the layer's
+        assert torch.allclose(new(x[:3]), want(x[:3]), atol=1e-5)
+        del m.prunus_gate  # what detach_gates does: the fused gate is off
+        _check_against(m(x[:2]), want(x[:2], gated=False), qw, x[:2])
+
+
+def _check_against(got, want, qw, x):
+    scale = 1.0 if qw is None else 16 * float(qw.scales.max())
+    tol = 4 * x.shape[1] * 2.0 ** -24 * scale * x.abs().sum(1, keepdim=True) * 8 + 1e-5
+    err = (got.double() - want.double()).abs()
+    assert bool((err <= tol).all()), float(err.max())

@@ -153,8 +153,10 @@ def _register_fakes() -> None:
         out_of(name, lambda a: a[0].shape[0])  # codes / packed (out, ...)
     for name in ("bitmap_q8_linear", "bitmap_q8a8_linear"):
         out_of(name, lambda a: a[1].shape[0])  # (val_ptr, bits (out, words), ...)
-    for name in ("skip_f32_linear", "skip_q8_linear", "skip_q4_linear", "skip_bitmap_q8_linear"):
-        out_of(name, lambda a: a[-1])  # (..., out_features)
+    # (..., out_features[, threshold, scale]): out_features by its place after x
+    for name, at in (("skip_f32_linear", 2), ("skip_q8_linear", 5), ("skip_q4_linear", 5),
+                     ("skip_bitmap_q8_linear", 6)):
+        out_of(name, lambda a, at=at: a[at])
 
     def decoded(first, *args):  # type: ignore[no-untyped-def]  # the (in, ldw) float32 W^T
         ldw = first.shape[1] * (2 if first.dtype == torch.uint8 else 1)

@@ -14,7 +14,8 @@ the package that builds gates: a gate is recognised by that attribute alone.
 - :func:`carry_gate`: when a plan swaps a gated ``nn.Linear`` for a kernel module, the new module
   gets the gate: every attribute, buffer or parameter whose name starts with :data:`GATE_ATTR`
   (the gate, a ``colnorm`` scale tensor) and every forward pre-hook of the old module, re-registered
-  in order, so that the new module zeroes the same inputs before its product.
+  in order, so that the new module zeroes the same inputs before its product (a kernel module that
+  fused the gate into itself hands on its hook, ``gate_hook``).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def carry_gate(old: nn.Module, new: nn.Module) -> None:
         if key.startswith(GATE_ATTR) and param is not None:
             new.register_parameter(key, param)
     present = list(new._forward_pre_hooks.values())
-    for hid, hook in old._forward_pre_hooks.items():
+    hooks = [(hook, hid in old._forward_pre_hooks_with_kwargs) for hid, hook in old._forward_pre_hooks.items()]
+    fused = getattr(old, "gate_hook", None)  # a kernel that took the gate's hook into itself
+    if fused is not None:
+        hooks.append((fused, True))
+    for hook, with_kwargs in hooks:
         if any(hook is h for h in present):
             continue
-        new.register_forward_pre_hook(hook, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
+        new.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
 
 
 __all__ = ["GATE_ATTR", "carry_gate", "gate_of", "gated_layers"]

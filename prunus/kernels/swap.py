@@ -10,7 +10,10 @@
   a second copy of the weights that makes prefill faster than the dense product). When that choice
   is ``dense`` or an integer kernel, no delegate is built: the skip kernel's own dense product
   (float32 GEMM on its input-major weight, integer codes decoded first, which is what the integer
-  kernels do from 16 tokens) is that path, without a second copy of the weights.
+  kernels do from 16 tokens) is that path, without a second copy of the weights;
+- a kernel that skips zero inputs takes the layer's gate hook into itself
+  (:meth:`~prunus.kernels.backends.cpu_actskip.SkipLinear.fuse_gate`): at decode the compiled
+  kernel compares the scores with the threshold while it gathers the non-zero inputs.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def build_module(module: nn.Module, kernel: str, *, name: str, mask: Optional[Te
         sparse.set_prefill(SparseLinear.from_dense(module, mask, prefill, pattern=pattern,
                                                    name=name))
     carry_gate(module, sparse)
+    if spec.input_sparse:
+        sparse.fuse_gate()  # the compiled kernel applies the gate in its own pass over x
     return sparse
 
 

@@ -31,7 +31,7 @@ kept unless a sparse float kernel makes prefill faster than the dense product.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -53,9 +53,50 @@ class SkipLinear(SparseLinear):
 
     max_tokens: ClassVar[int] = 4  # calls of at most this many tokens skip zero inputs
 
+    fused_gate: ClassVar[bool] = True  # skip() applies a fused gate's threshold itself
+
     def __init__(self, in_features: int, out_features: int, bias: Optional[Tensor]) -> None:
         super().__init__(in_features, out_features, bias)
         self.__dict__["_prefill"] = None  # not a child module: it is not a layer of the model
+        self.__dict__["_gate"] = None  # (hook, threshold, scale) of a fused gate
+
+    def fuse_gate(self) -> bool:
+        """Take the layer's activation-gate pre-hook into the kernel; whether there was one.
+
+        A gate hook is a forward pre-hook with ``threshold`` and ``scale`` attributes (a float and
+        None or the ``(in,)`` column norms; :class:`prunus.activation.gate.GateHook`). It is removed
+        from the module: decode calls pass the threshold to the compiled kernel, which treats the
+        inputs scoring below it as zeros in the same pass that finds the non-zero inputs; longer
+        calls run the hook itself on the input, then the prefill path. The result is the same as
+        hook then kernel; a decode step saves the hook's call and its three tensor ops per layer.
+        """
+        for hid, hook in list(self._forward_pre_hooks.items()):
+            thr, scale = getattr(hook, "threshold", None), getattr(hook, "scale", None)
+            if isinstance(thr, float) and (scale is None or isinstance(scale, Tensor)):
+                del self._forward_pre_hooks[hid]
+                self._forward_pre_hooks_with_kwargs.pop(hid, None)
+                sc = None if scale is None else scale.detach().float().contiguous()
+                self.__dict__["_gate"] = (hook, thr, sc)
+                return True
+        return False
+
+    @property
+    def gate_hook(self) -> Optional[Any]:
+        """The fused gate's hook (None: not fused), for a module that replaces this one."""
+        g = self._fused()
+        return None if g is None else g[0]
+
+    def _fused(self) -> Optional[tuple]:
+        # a gate removed from the module (detach_gates deletes ``prunus_gate``) no longer applies
+        return self.__dict__["_gate"] if "prunus_gate" in self.__dict__ else None
+
+    def gated(self, x: Tensor) -> Tensor:
+        """``x`` through the fused gate (itself when there is none)."""
+        g = self._fused()
+        if g is None:
+            return x
+        out = g[0](self, (x,), {})
+        return x if out is None else out[0][0]
 
     def set_prefill(self, module: Optional[SparseLinear]) -> None:
         """The kernel module for calls of more than :attr:`max_tokens` tokens (None: the dense
@@ -83,9 +124,15 @@ class SkipLinear(SparseLinear):
         wt = self.decoded_t()
         return torch.mm(x, wt) if self.bias is None else torch.addmm(self.bias, x, wt)
 
+    def gate_args(self) -> tuple[float, Optional[Tensor]]:
+        """(threshold, scale) for the compiled kernels: (0.0, None) without a fused gate."""
+        g = self._fused()
+        return (0.0, None) if g is None else (g[1], g[2])
+
     def matmul(self, x: Tensor) -> Tensor:
         if x.shape[0] <= self.max_tokens:
-            return self.skip(x)
+            return self.skip(x if self.fused_gate else self.gated(x))
+        x = self.gated(x)
         p = self.__dict__["_prefill"]
         return p.matmul(x) if p is not None else self.dense_product(x)
 
@@ -110,7 +157,7 @@ class SkipF32Linear(SkipLinear):
 
     def skip(self, x: Tensor) -> Tensor:
         wt, bias = self.cached(("wt", "bias"))
-        return torch.ops.prunus_cpu.skip_f32_linear(x, wt, bias, self.out_features)
+        return torch.ops.prunus_cpu.skip_f32_linear(x, wt, bias, self.out_features, *self.gate_args())
 
     def decoded_t(self) -> Tensor:
         return self.wt[:, : self.out_features]  # a view: no copy, BLAS reads the row stride
@@ -137,7 +184,8 @@ class SkipInt8Linear(SkipLinear):
 
     def skip(self, x: Tensor) -> Tensor:
         c, s, z, b = self.cached(("codes_t", "scales_t", "zeros_t", "bias"))
-        return torch.ops.prunus_cpu.skip_q8_linear(x, c, s, z, b, self.group, self.out_features)
+        return torch.ops.prunus_cpu.skip_q8_linear(x, c, s, z, b, self.group, self.out_features,
+                                                  *self.gate_args())
 
     def decoded_t(self) -> Tensor:
         return torch.ops.prunus_cpu.skip_q8_dense(self.codes_t, self.scales_t, self.zeros_t,
@@ -165,7 +213,8 @@ class SkipInt4Linear(SkipLinear):
 
     def skip(self, x: Tensor) -> Tensor:
         p, s, z, b = self.cached(("packed_t", "scales_t", "zeros_t", "bias"))
-        return torch.ops.prunus_cpu.skip_q4_linear(x, p, s, z, b, self.group, self.out_features)
+        return torch.ops.prunus_cpu.skip_q4_linear(x, p, s, z, b, self.group, self.out_features,
+                                                  *self.gate_args())
 
     def decoded_t(self) -> Tensor:
         return torch.ops.prunus_cpu.skip_q4_dense(self.packed_t, self.scales_t, self.zeros_t,
@@ -195,7 +244,8 @@ class SkipBitmapInt8Linear(SkipLinear):
 
     def skip(self, x: Tensor) -> Tensor:
         args = self.cached(("wptr", "bits", "vals", "scales_t", "bias"))
-        return torch.ops.prunus_cpu.skip_bitmap_q8_linear(x, *args, self.group, self.out_features)
+        return torch.ops.prunus_cpu.skip_bitmap_q8_linear(x, *args, self.group, self.out_features,
+                                                         *self.gate_args())
 
     def decoded_t(self) -> Tensor:
         return torch.ops.prunus_cpu.skip_bitmap_q8_dense(self.wptr, self.bits, self.vals,
@@ -216,6 +266,7 @@ class TorchSkipLinear(SkipLinear):
     """Pure-PyTorch fallback (``torch_skip``): the rows of the non-zero inputs, then a matmul."""
 
     kernel = "torch_skip"
+    fused_gate = False  # the fused gate's hook runs on the input first
 
     def __init__(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)

@@ -5,7 +5,9 @@
 // For a tile of T <= 4 tokens the inputs j where some token has x[t, j] != 0 are gathered first,
 // and only their rows are read:  P[t, :] += x[t, j] * Wt[j, :]. An input that a gate (TEAL, WINA)
 // zeroed costs nothing; at batch 1 with 40% of the inputs zero, 60% of the weights are read.
-// Several tokens share one pass over the union of their non-zero inputs.
+// Several tokens share one pass over the union of their non-zero inputs. The layer's activation gate
+// can be fused in (threshold, scale): inputs whose score is below it count as zero, so the model
+// need not zero them first (one pass over x instead of a hook and three tensor ops per layer).
 //
 // Formats (built by prunus.kernels.actskip_formats; g = j / group, G groups along the input):
 //  - f32: wt float32 (in, ldw).
@@ -39,6 +41,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -159,19 +162,34 @@ struct Tile {
   std::vector<float> xs;        // xs[t * G + g]: sum of x[t] over group g
 };
 
-Tile gather(const float* x, int64_t in, int T, int64_t G, int64_t gs) {
+// The gate (activation sparsity) fused in: x[t, j] counts as zero when its score |x[t, j]| * s[j]
+// (s: the column norms of WINA's score, or 1) is below thr, as prunus.activation.gate.gate_input
+// has it (float32 score; a score equal to thr is kept; thr = 0 and no s: every x != 0 is kept).
+struct Gate {
+  float thr;
+  const float* s;  // (in,) or nullptr
+  bool keep(float v, int64_t j) const {
+    return v != 0.f && !((s ? std::fabs(v) * s[j] : std::fabs(v)) < thr);
+  }
+};
+
+Tile gather(const float* x, int64_t in, int T, int64_t G, int64_t gs, const Gate& gate) {
   Tile tl;
   tl.idx.reserve(in);
   tl.xv.reserve(in * T);
   tl.xs.assign(T * G, 0.f);
+  float v[4];
   for (int64_t j = 0; j < in; ++j) {
     bool any = false;
-    for (int t = 0; t < T; ++t) any |= x[t * in + j] != 0.f;
+    for (int t = 0; t < T; ++t) {
+      v[t] = gate.keep(x[t * in + j], j) ? x[t * in + j] : 0.f;
+      any |= v[t] != 0.f;
+    }
     if (!any) continue;
     tl.idx.push_back(static_cast<int32_t>(j));
     for (int t = 0; t < T; ++t) {
-      tl.xv.push_back(x[t * in + j]);
-      tl.xs[t * G + j / gs] += x[t * in + j];
+      tl.xv.push_back(v[t]);
+      tl.xs[t * G + j / gs] += v[t];
     }
   }
   tl.gstart.resize(G + 1);
@@ -276,15 +294,25 @@ void tile_range(const Fmt& f, const Tile& tl, const Grid& q, int64_t ldw, const 
       for (int64_t o = o0; o < end; ++o) y[t * out + o] = A[t * len + o - o0] + (bias ? bias[o] : 0.f);
 }
 
+Gate gate_of(double threshold, const c10::optional<at::Tensor>& scale, int64_t in) {
+  TORCH_CHECK(threshold >= 0, "prunus_cpu: the gate threshold must be at least 0");
+  if (scale.has_value())
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == in,
+                "prunus_cpu: the gate scale must be contiguous float32 of size in_features");
+  return Gate{static_cast<float>(threshold), scale.has_value() ? scale->data_ptr<float>() : nullptr};
+}
+
 template <typename Fmt>
 at::Tensor skip_run(const Fmt& f, const Grid& q, const at::Tensor& x_in, int64_t in, int64_t ldw,
-                    int64_t out, const c10::optional<at::Tensor>& bias) {
+                    int64_t out, const c10::optional<at::Tensor>& bias, double threshold,
+                    const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "prunus_cpu: x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(x_in.size(1) == in, "prunus_cpu: x has ", x_in.size(1), " features, the layer takes ", in);
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
                 "prunus_cpu: bias must be contiguous float32 of size out_features");
+  const Gate gate = gate_of(threshold, scale, in);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0);
   at::Tensor y = at::empty({n, out}, x.options());
@@ -294,7 +322,7 @@ at::Tensor skip_run(const Fmt& f, const Grid& q, const at::Tensor& x_in, int64_t
   int64_t t = 0;
   while (t < n) {
     const int T = n - t >= 4 ? 4 : (n - t >= 2 ? 2 : 1);
-    const Tile tl = gather(xd + t * in, in, T, q.G, q.gs);
+    const Tile tl = gather(xd + t * in, in, T, q.G, q.gs, gate);
     const int64_t work = static_cast<int64_t>(tl.idx.size()) * ldw * T;
     float* yt = yd + t * out;
     for_even_rows(ldw, work, kLanes, [&](int64_t o0, int64_t o1) {
@@ -348,12 +376,12 @@ Grid grid_of(const at::Tensor& s, const c10::optional<at::Tensor>& z, int64_t ld
 }
 
 at::Tensor skip_f32_linear(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
-                           int64_t out) {
+                           int64_t out, double threshold, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.dim() == 2,
               "prunus_cpu: the weight must be contiguous float32 (in, padded out)");
   const int64_t ldw = check_ldw(wt.size(1), out);
   return skip_run(F32{wt.data_ptr<float>(), ldw}, Grid{nullptr, nullptr, 1, wt.size(0)}, x, wt.size(0),
-                  ldw, out, bias);
+                  ldw, out, bias, threshold, scale);
 }
 
 void check_q8(const at::Tensor& codes) {
@@ -363,11 +391,11 @@ void check_q8(const at::Tensor& codes) {
 
 at::Tensor skip_q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                           const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias,
-                          int64_t group, int64_t out) {
+                          int64_t group, int64_t out, double threshold, const c10::optional<at::Tensor>& scale) {
   check_q8(codes);
   const int64_t in = codes.size(0), ldw = check_ldw(codes.size(1), out);
   return skip_run(Q8{codes.data_ptr<int8_t>(), ldw}, grid_of(scales, zeros, ldw, in, group), x, in, ldw,
-                  out, bias);
+                  out, bias, threshold, scale);
 }
 
 at::Tensor skip_q8_dense(const at::Tensor& codes, const at::Tensor& scales,
@@ -384,11 +412,11 @@ void check_q4(const at::Tensor& packed) {
 
 at::Tensor skip_q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                           const at::Tensor& zeros, const c10::optional<at::Tensor>& bias, int64_t group,
-                          int64_t out) {
+                          int64_t out, double threshold, const c10::optional<at::Tensor>& scale) {
   check_q4(packed);
   const int64_t in = packed.size(0), ldw = check_ldw(packed.size(1) * 2, out);
   return skip_run(Q4{packed.data_ptr<uint8_t>(), ldw}, grid_of(scales, zeros, ldw, in, group), x, in, ldw,
-                  out, bias);
+                  out, bias, threshold, scale);
 }
 
 at::Tensor skip_q4_dense(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
@@ -418,10 +446,11 @@ B8 b8_of(const at::Tensor& wptr, const at::Tensor& bits, const at::Tensor& vals)
 
 at::Tensor skip_bitmap_q8_linear(const at::Tensor& x, const at::Tensor& wptr, const at::Tensor& bits,
                                  const at::Tensor& vals, const at::Tensor& scales,
-                                 const c10::optional<at::Tensor>& bias, int64_t group, int64_t out) {
+                                 const c10::optional<at::Tensor>& bias, int64_t group, int64_t out,
+                                 double threshold, const c10::optional<at::Tensor>& scale) {
   const B8 f = b8_of(wptr, bits, vals);
   const int64_t in = bits.size(0), ldw = check_ldw(f.ldw, out);
-  return skip_run(f, grid_of(scales, c10::nullopt, ldw, in, group), x, in, ldw, out, bias);
+  return skip_run(f, grid_of(scales, c10::nullopt, ldw, in, group), x, in, ldw, out, bias, threshold, scale);
 }
 
 at::Tensor skip_bitmap_q8_dense(const at::Tensor& wptr, const at::Tensor& bits, const at::Tensor& vals,
@@ -442,10 +471,10 @@ bool skip_simd() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(prunus_cpu, m) {
-  m.def("skip_f32_linear(Tensor x, Tensor wt, Tensor? bias, int out_features) -> Tensor");
-  m.def("skip_q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, int group, int out_features) -> Tensor");
-  m.def("skip_q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, Tensor? bias, int group, int out_features) -> Tensor");
-  m.def("skip_bitmap_q8_linear(Tensor x, Tensor wptr, Tensor bits, Tensor vals, Tensor scales, Tensor? bias, int group, int out_features) -> Tensor");
+  m.def("skip_f32_linear(Tensor x, Tensor wt, Tensor? bias, int out_features, float threshold=0., Tensor? scale=None) -> Tensor");
+  m.def("skip_q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, int group, int out_features, float threshold=0., Tensor? scale=None) -> Tensor");
+  m.def("skip_q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, Tensor? bias, int group, int out_features, float threshold=0., Tensor? scale=None) -> Tensor");
+  m.def("skip_bitmap_q8_linear(Tensor x, Tensor wptr, Tensor bits, Tensor vals, Tensor scales, Tensor? bias, int group, int out_features, float threshold=0., Tensor? scale=None) -> Tensor");
   m.def("skip_q8_dense(Tensor codes, Tensor scales, Tensor? zeros, int group) -> Tensor");
   m.def("skip_q4_dense(Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor");
   m.def("skip_bitmap_q8_dense(Tensor wptr, Tensor bits, Tensor vals, Tensor scales, int group) -> Tensor");
