@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import add_data_args, write_json  # noqa: E402
+
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -55,14 +58,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_data_args(ap)
     ap.add_argument("--targets", default="0.25,0.4")
     ap.add_argument("--methods", default="teal,wina")
-    ap.add_argument("--calib", default="book:emma")
-    ap.add_argument("--eval", default="book:pride")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--set", action="append", default=[], help="dotted override for every run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--markdown", help="print the table of an earlier --json and exit")
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from prunus.io.recipe import apply_override
     from prunus.oneshot.job import job_from_mapping
-    from prunus.oneshot.runner import run_prune, write_json
+    from prunus.oneshot.runner import run_prune
 
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -96,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                          "settings": result["settings"]})
             print(f"# {method} {target}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             if args.json:
-                write_json({"rows": rows, "runs": runs, "overrides": args.set,
-                            "wall_s": time.perf_counter() - t_start}, args.json)
+                write_json(args.json, {"rows": rows, "runs": runs, "overrides": args.set,
+                                       "wall_s": time.perf_counter() - t_start}, indent=2, default=float)
     print(markdown(rows))
     return 0
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import write_json  # noqa: E402
 
 
 def layer(shape: str, spec: str, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -75,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(a)
     print(table(rows))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"rows": rows}, fh, indent=1)
+        write_json(a.json, {"rows": rows})
     return 0
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._common import write_json  # noqa: E402
 
 from prunus.io.models import load_model  # noqa: E402
 from prunus.kernels.base import SparseLinear  # noqa: E402
@@ -152,9 +153,7 @@ def main() -> int:
     for k, v in res.items():
         print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
     if a.json:
-        from prunus.io.fsutil import write_text
-
-        write_text(a.json, json.dumps(res, indent=1) + "\n")
+        write_json(a.json, res)
     return 0
 
 

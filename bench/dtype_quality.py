@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._common import add_data_args, child_env, write_json  # noqa: E402
 
 
 def run(a: argparse.Namespace, dtype: str) -> dict:
@@ -32,9 +32,7 @@ def run(a: argparse.Namespace, dtype: str) -> dict:
                "--sparsity", "50%,2:4", "--calib", a.calib, "--eval", a.eval, "--nsamples", str(a.nsamples),
                "--seqlen", str(a.seqlen), "--windows", str(a.windows), "--baselines", "dense",
                "--dtype", dtype, "--load", a.load, "--json", str(js), "--quiet"]
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if r.returncode != 0:
             raise SystemExit(f"{dtype}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return json.loads(js.read_text())
@@ -42,12 +40,7 @@ def run(a: argparse.Namespace, dtype: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", default="book:emma")
-    p.add_argument("--eval", default="book:pride")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=64)
+    add_data_args(p)
     p.add_argument("--load", default="memory", help="memory or stream (the results are the same)")
     p.add_argument("--json", help="write the rows here (atomically)")
     a = p.parse_args()
@@ -65,9 +58,7 @@ def main() -> None:
     print(table(rows, (("method", "method"), ("spec", "spec"), ("ppl_float32", "ppl fp32"),
                        ("ppl_bfloat16", "ppl bf16"), ("relative", "bf16/fp32 - 1"))))
     if a.json:
-        from prunus.oneshot.runner import write_json
-
-        write_json({"settings": vars(a), "rows": rows, "runs": res}, a.json)
+        write_json(a.json, {"settings": vars(a), "rows": rows, "runs": res}, indent=2, default=float)
 
 
 if __name__ == "__main__":

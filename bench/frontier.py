@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -55,6 +54,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench._common import add_data_args, child_env, machine, write_json  # noqa: E402
+
 LLAMA_PY = ROOT / ".venv-llamacpp/bin/python"
 SPARSITIES = ("0.5", "2:4", "0.7")
 QUANTS = ("", "+int8", "+int4g64")  # int4 in groups of 64: 576, SmolLM2's width, is not a multiple of 128
@@ -129,14 +131,9 @@ def prune_method(row: dict[str, Any], a: argparse.Namespace) -> str:
     return "magnitude" if row.get("act") and untouched else a.method
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
-
-
 def _run(cmd: list[str], log) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
     log(" ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if r.returncode != 0:
         log(r.stderr.strip()[-2000:])
     return r
@@ -275,26 +272,6 @@ def llamacpp_rows(a: argparse.Namespace, log) -> list[dict[str, Any]]:  # type: 
     return rows
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from prunus.kernels.timing import _last_level_cache_bytes
-
-    from prunus.kernels import cpu as kcpu
-
-    return {"cpu": cpu, "l3_mb": _last_level_cache_bytes(torch.device("cpu")) >> 20,
-            "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": kcpu.build_info().get("isa"),
-            "date": time.strftime("%Y-%m-%d")}
-
-
 def pareto(rows: list[dict[str, Any]]) -> set[str]:
     """Names of the rows no other row beats on both perplexity (lower) and decode speed (higher)."""
     pts = [r for r in rows if r.get("ppl") and r.get("decode_tok_s")]
@@ -353,27 +330,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(doc: dict[str, Any], path: str) -> None:
-    """Atomically (a temporary file, then a rename) for a regular file; straight for anything else
-    (``/dev/stdout``, a pipe), which a rename would replace."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w") as fh:
-            fh.write(json.dumps(doc, indent=1) + "\n")
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_data_args(ap)
     ap.add_argument("--method", default="sparsegpt")
-    ap.add_argument("--calib", default="book:emma")
-    ap.add_argument("--eval", default="book:pride")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -415,7 +375,8 @@ def main() -> int:
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    doc: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(a).items() if k != "one"},
+    doc: dict[str, Any] = {"machine": machine(kernel_isa=True),
+                           "settings": {k: v for k, v in vars(a).items() if k != "one"},
                            "rows": []}
     update = None
     if a.update:
@@ -454,7 +415,7 @@ def main() -> int:
             doc["rows"].append(json.loads(r.stdout.strip().splitlines()[-1]))
         log(json.dumps(doc["rows"][-1]))
         if a.json and update is None:
-            write_json(doc, a.json)
+            write_json(a.json, doc)
     if not a.skip_llamacpp and not a.only:
         doc["rows"] += llamacpp_rows(a, log)
     if update is not None:  # the re-measured rows replace their namesakes, in place
@@ -462,7 +423,7 @@ def main() -> int:
         update["rows"] = [new.pop(r["name"], r) for r in update["rows"]] + list(new.values())
         doc = update
     if a.json:
-        write_json(doc, a.json)
+        write_json(a.json, doc)
     print(table(doc["rows"]))
     print(f"\n* on the Pareto front. Machine: {doc['machine']}")
     if a.plot:

@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._common import write_json  # noqa: E402
 
 from prunus.errors import PrunusError  # noqa: E402
 from prunus.kernels import cpu, kernels_for, resolve_device  # noqa: E402
@@ -119,8 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(f"# {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+        write_json(args.json, [r.to_dict() for r in rows])
     return 0
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench._common import add_data_args, child_env, write_json  # noqa: E402
+
 # this interpreter, on this checkout's code (a worktree without its own .venv runs its own prunus)
 PRUNUS = [sys.executable, "-m", "prunus"]
 PEER = [str(ROOT / ".venv-peer/bin/python"), str(ROOT / "bench/peer_llmcompressor.py")]
@@ -43,9 +45,7 @@ EXTRA = [("sparsegpt", "0.5", None, "uniform", 4), ("sparsegpt", "2:4", None, "u
 
 
 def _run(cmd: list[str], js: Path) -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail}
@@ -97,12 +97,7 @@ def fmt(v, nd=2):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="book:emma")
-    ap.add_argument("--eval", default="book:pride")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
+    add_data_args(ap)
     ap.add_argument("--skip-peer", action="store_true", help="prunus only")
     ap.add_argument("--extra", action="store_true", help="also the beyond-peer configurations")
     ap.add_argument("--only", help="comma-separated method names to run (default all)")
@@ -148,9 +143,8 @@ def main() -> int:
               f"{fmt(r.get('sparsity'), 4):>10}{fmt(r.get('seconds'), 1):>12}{fmt(r.get('peak_rss_mb'), 0):>13}"
               + (f"   {r['error']}" if "error" in r else ""))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         settings = {k: getattr(a, k) for k in ("model", "calib", "eval", "nsamples", "seqlen", "windows")}
-        Path(a.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        write_json(a.json, {"settings": settings, "rows": rows}, indent=2)
     return 0
 
 

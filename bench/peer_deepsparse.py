@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import machine, write_json  # noqa: E402
 from prunus.core.masks import topk  # noqa: E402
 from prunus.core.spec import Unstructured  # noqa: E402
 from prunus.errors import PrunusError  # noqa: E402
@@ -62,34 +62,9 @@ SHAPES = [(4096, 4096), (1536, 576), (576, 1536)]  # (out, in): a big layer, Smo
 SPARSITIES = [0.5, 0.7, 0.9]
 TOKENS = [1, 4, 16]
 QUICK = [((1536, 576), 0.7)]
-FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-         "avx512_vbmi2", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
-         "amx_int8", "amx_bf16")
 BUSY_LOAD = 1.0  # a 1-min load average from here up: say that the timings are contended
 SETTLE_S = 0.02  # see run_layer
 TOL = 1e-3  # max |y - y_dense| / max |y_dense|: fp32 summation order, not a wrong kernel
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, the SIMD flags that matter here, cores, L3, load average (contention)."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = []
-    return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(),
-            "l3_mib": _last_level_cache_bytes(torch.device("cpu")) / (1 << 20),
-            "loadavg_1_5_15": load, "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 _NP_FLUSH: dict[str, Any] = {}
@@ -245,20 +220,6 @@ def summary(rows: list[dict[str, Any]], tokens_list: list[int]) -> str:
     won = [r for r in rows if (r["warm"]["prunus_over_deepsparse"] or 0) >= 1.0]
     lines.append(f"\nprunus >= DeepSparse (warm) on {len(won)} of {len(rows)} rows")
     return "\n".join(lines)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_shape(text: str) -> tuple[int, int]:

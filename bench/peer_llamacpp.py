@@ -61,6 +61,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # prunus.io.data / prunus.io.models, imported by the parent only
+from bench._common import add_data_args, write_json  # noqa: E402
 
 PROG = "peer_llamacpp"
 MODEL = "smollm2-135m"
@@ -299,20 +300,6 @@ def default_work() -> Path:
     return cache_root() / "llamacpp"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     formats = parse_formats(args.formats)
     check_args(args)
@@ -367,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="Q8_0,Q4_1,F16", help=f"comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--threads", type=int, default=2, help="n_threads and n_threads_batch")
-    p.add_argument("--windows", type=int, default=64, help="evaluation windows")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval", default="book:pride", help="text source (prunus.io.data.resolve_text)")
+    add_data_args(p, model=None, calib=None, nsamples=None)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -397,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json(args.json, result, indent=2)
     return 0
 
 

@@ -40,6 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # prunus.io.data / prunus.io.models need only torch + transformers
 
+from bench._common import add_data_args, write_json  # noqa: E402
 from prunus.io.data import calibration_windows, eval_windows, resolve_text, tokenize  # noqa: E402
 from prunus.errors import PrunusError, SpecError  # noqa: E402
 from prunus.core.spec import NM, Unstructured, parse_sparsity  # noqa: E402
@@ -183,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=["wanda", "sparsegpt"], required=True)
     p.add_argument("--sparsity", default="0.5", help="0.5 (unstructured) or N:M such as 2:4")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=64, help="evaluation windows")
-    p.add_argument("--calib", default="book:emma")
-    p.add_argument("--eval", default="book:pride")
-    p.add_argument("--model", default="smollm2-135m")
+    add_data_args(p)
     p.add_argument("--pipeline", default="independent",
                    help="llm-compressor pipeline (independent picks sequential for these modifiers)")
     p.add_argument("--dense", action="store_true", help="also measure the dense perplexity first")
@@ -202,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, result, indent=2)
     return 0
 
 

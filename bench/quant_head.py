@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from prunus.core.spec import SparsitySpec
-from prunus.evaluate import perplexity
-from prunus.io import data
-from prunus.io.fsutil import atomic_file
-from prunus.io.models import load_model
-from prunus.oneshot.pipeline import prune
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import add_data_args, write_json  # noqa: E402
+from prunus.core.spec import SparsitySpec  # noqa: E402
+from prunus.evaluate import perplexity  # noqa: E402
+from prunus.io import data  # noqa: E402
+from prunus.io.models import load_model  # noqa: E402
+from prunus.oneshot.pipeline import prune  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")
     ap.add_argument("--method", default="sparsegpt")
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=32)
+    add_data_args(ap, model=None, calib=None, eval=None, seqlen=None)
     ap.add_argument("--json")
     args = ap.parse_args()
     spec = SparsitySpec.parse(args.spec)
@@ -44,8 +46,7 @@ def main() -> None:
            "embedding": str(r.quant["model.embed_tokens"].quant) if "model.embed_tokens" in r.quant else None}
     print(json.dumps(row))
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(row, indent=1))
+        write_json(args.json, row)
 
 
 if __name__ == "__main__":

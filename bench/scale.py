@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._common import add_data_args, child_env, write_json  # noqa: E402
 
 WORDS = ("the a of and to in is was that it he she for on with as his her at by had not be but from they you "
          "all were this which have one there an are or been when said would so who what their if no my more").split()
@@ -105,10 +105,8 @@ def prune(a: argparse.Namespace, ckpt: Path, text: Path, method: str, spec: str,
            "--load", load, "--out", str(out), "--json", str(js), "--quiet", "--overwrite"]
     if a.eval_windows:
         cmd += ["--eval", str(text), "--windows", str(a.eval_windows)]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
@@ -127,8 +125,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-mb", type=int, default=500, help="shard size of the synthetic checkpoint")
-    p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=256)
+    add_data_args(p, model=None, calib=None, eval=None, nsamples=8, seqlen=256, windows=None)
     p.add_argument("--eval-windows", type=int, default=0)
     p.add_argument("--methods", default="wanda,sparsegpt")
     p.add_argument("--specs", default="50%,2:4")
@@ -177,9 +174,7 @@ def main() -> None:
                        ("output_mb", "out MB"), ("peak_rss_mb", "peak RSS MB"), ("rss_target_mb", "RSS target MB"),
                        ("wall_s", "wall s"), ("time_vs_memory", "stream/mem time"))))
     if a.json:
-        from prunus.oneshot.runner import write_json
-
-        write_json({"settings": vars(a), "parameters": params, "rows": rows}, a.json)
+        write_json(a.json, {"settings": vars(a), "parameters": params, "rows": rows}, indent=2, default=float)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -77,6 +76,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench._common import add_data_args, child_env, machine, write_json  # noqa: E402
+
 LLAMA_PY = ROOT / ".venv-llamacpp/bin/python"
 PRUNUS = [sys.executable, "-m", "prunus"]
 KINDS = ("mlp", "heads", "blocks", "mix")
@@ -179,15 +181,10 @@ def sparsegpt_fractions(fracs: list[float], tol: float = 0.01) -> list[list[floa
 # ------------------------------------------------------------------ children
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
-
-
 def _run(cmd: list[str], log: Log) -> tuple[subprocess.CompletedProcess, float]:
     log("$ " + " ".join(cmd))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         log(r.stderr.strip()[-2000:])
@@ -295,7 +292,7 @@ class Bench:
         self.doc["rows"].append(row)
         self.log("row: " + json.dumps({k: v for k, v in row.items() if k not in ("widths",)}))
         if self.a.json:
-            write_json(self.doc, self.a.json)
+            write_json(self.a.json, self.doc, default=float)
 
     def common(self) -> list[str]:
         a = self.a
@@ -343,7 +340,7 @@ class Bench:
                 return {"error": "peer_llamacpp: " + _error(r)}
             doc = json.loads(out.read_text())
             doc["convert_s"], doc["peer_s"] = round(conv_s, 1), round(peer_s, 1)
-            write_json(doc, str(out))
+            write_json(out, doc, default=float)
         res: dict[str, Any] = {"wall_s": round(doc.get("convert_s", 0) + doc.get("peer_s", 0), 1)}
         for x in doc["rows"]:
             res[x["format"]] = {k: x.get(k) for k in ("decode_tok_s", "prefill_ms", "ppl", "bytes", "peak_rss_mb")}
@@ -493,7 +490,7 @@ class Bench:
             r, _ = _run([sys.executable, __file__, "--shapes", f"--model={a.model}"], self.log)
             if r.returncode != 0:
                 raise SystemExit(f"structured: error: shapes: {_error(r)}")
-            write_json(json.loads(r.stdout.strip().splitlines()[-1]), str(shp))
+            write_json(shp, json.loads(r.stdout.strip().splitlines()[-1]), default=float)
         sh = json.loads(shp.read_text())
         self.doc["shapes"] = sh
         cells = plan_cells(sh, a.targets, tuple(a.kinds), a.mlp_multiple)
@@ -516,7 +513,7 @@ class Bench:
             self.doc["dense_retimed"] = self.time_ck(a.model)
         self.doc["wall_s"] = round(time.perf_counter() - t0, 1)
         if a.json:
-            write_json(self.doc, a.json)
+            write_json(a.json, self.doc, default=float)
 
 
 def dense_folder(model: str) -> Optional[Path]:
@@ -536,33 +533,6 @@ def dense_folder(model: str) -> Optional[Path]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
-
-
-def machine() -> dict[str, Any]:
-    import platform
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m_at_start": load, "date": time.strftime("%Y-%m-%d")}
-
-
-def write_json(doc: Any, path: str) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    os.replace(tmp, p)
 
 
 # ------------------------------------------------------------------ output
@@ -681,12 +651,7 @@ def _names(allowed: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="book:emma")
-    ap.add_argument("--eval", default="book:pride")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
+    add_data_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", type=_floats, default=[0.1, 0.2, 0.3, 0.5],
                     help="fractions of block parameters to remove (default 0.1,0.2,0.3,0.5)")

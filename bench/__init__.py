@@ -1,0 +1,1 @@
+"""The benchmark scripts (run each as ``python bench/X.py``); ``_common`` holds what they share."""
