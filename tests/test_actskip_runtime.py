@@ -83,3 +83,45 @@ def test_export_plans_gated_layers_and_the_model_computes_gate_then_dense(tmp_pa
         out = model(input_ids=ids[:, :5], use_cache=True)  # prefill, then one decode step
         step = model(input_ids=ids[:, 5:6], past_key_values=out.past_key_values).logits
         torch.testing.assert_close(step[:, -1], want[:, 5], rtol=1e-4, atol=1e-4)
+
+
+def test_gates_off_holds_back_every_gate_and_restores_them(one_thread):
+    from prunus.activation.gate import Gate, attach_gates
+    from prunus.kernels.gating import gate_of, gates_off
+    from prunus.kernels.swap import build_module
+
+    lin, other = nn.Linear(16, 8), nn.Linear(16, 8)
+    attach(lin, 0.8, 0.4)  # the stand-in's function hook
+    attach_gates(nn.ModuleDict({"o": other}), {"o": Gate(0.8, 0.4)})
+    fused = build_module(other, "torch_skip", name="o", mask=torch.ones(8, 16, dtype=torch.bool))
+    x = torch.randn(3, 16)
+    gated = [m(x) for m in (lin, fused)]
+    with gates_off(nn.ModuleList([lin, fused])) as n:
+        assert n == 2 and gate_of(lin) is None and gate_of(fused) is None
+        for m, g in zip((lin, fused), gated):
+            ungated = m(x)
+            torch.testing.assert_close(ungated, torch.nn.functional.linear(x, other.weight if m is fused
+                                                                           else lin.weight, m.bias))
+            assert not torch.allclose(ungated, g)
+    for m, g in zip((lin, fused), gated):
+        torch.testing.assert_close(m(x), g)
+
+
+def test_bench_times_the_dense_baseline_without_gates(checkpoint, monkeypatch):
+    from prunus.kernels import runtime
+    from prunus.kernels.gating import gate_of
+
+    ck, meta = checkpoint
+    real = runtime.load_model
+    monkeypatch.setattr(runtime, "load_model", lambda path, **kw: (_attach_from(real(path, **kw)[0], meta), None))
+    seen = []
+
+    def fake_generate(model, prompt, new_tokens, repeats=3):
+        seen.append(sum(gate_of(m) is not None for m in model.modules()))
+        return {"prefill_s": 0.01, "decode_tok_s": 100.0}
+
+    monkeypatch.setattr(runtime, "time_generate", fake_generate)
+    res = runtime.bench_model(str(ck), tokens=[1], threads=1, log=lambda s: None)
+    e = res["end_to_end"]
+    assert seen[:2] == [0, len(meta["activation_sparsity"]["layers"])]  # dense without gates, then with
+    assert {"dense", "dense_gated", "planned"} <= set(e)

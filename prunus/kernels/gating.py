@@ -11,6 +11,8 @@ the package that builds gates: a gate is recognised by that attribute alone.
 - :func:`gated_layers`: layer name -> the gate's ``sparsity``; :func:`prunus.kernels.plans.plan_model`
   plans these layers too, and lets the kernels that skip zero inputs compete there, timed on inputs
   with that fraction of zeros.
+- :func:`gates_off`: the model without its gates for a while (``prunus bench`` times that dense
+  baseline, what a user would otherwise run).
 - :func:`carry_gate`: when a plan swaps a gated ``nn.Linear`` for a kernel module, the new module
   gets the gate: every attribute, buffer or parameter whose name starts with :data:`GATE_ATTR`
   (the gate, a ``colnorm`` scale tensor) and every forward pre-hook of the old module, re-registered
@@ -20,7 +22,8 @@ the package that builds gates: a gate is recognised by that attribute alone.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -74,4 +77,24 @@ def carry_gate(old: nn.Module, new: nn.Module) -> None:
         new.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
 
 
-__all__ = ["GATE_ATTR", "carry_gate", "gate_of", "gated_layers"]
+@contextmanager
+def gates_off(model: nn.Module) -> Iterator[int]:
+    """Within the block, the gated linears of ``model`` compute on their inputs as they come (every
+    forward pre-hook of theirs held back, ``prunus_gate`` hidden): the model a user would run
+    without activation sparsity. Yields how many layers were gated; restored on exit."""
+    held = []
+    for m in model.modules():
+        if gate_of(m) is not None and isinstance(m, (nn.Linear, SparseLinear)):
+            hooks = dict(m._forward_pre_hooks)
+            m._forward_pre_hooks.clear()
+            held.append((m, hooks, m.__dict__.pop(GATE_ATTR, None)))
+    try:
+        yield len(held)
+    finally:
+        for m, hooks, gate in held:
+            m._forward_pre_hooks.update(hooks)
+            if gate is not None:
+                m.__dict__[GATE_ATTR] = gate
+
+
+__all__ = ["GATE_ATTR", "carry_gate", "gate_of", "gated_layers", "gates_off"]

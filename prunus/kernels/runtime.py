@@ -29,7 +29,7 @@ from prunus.core.options import build_options, option
 from prunus.core.targets import select
 from prunus.io.fsutil import check_out_dir
 from prunus.io.models import load_checkpoint, load_model
-from prunus.kernels.gating import gated_layers
+from prunus.kernels.gating import gated_layers, gates_off
 from prunus.kernels.plans import PLAN_KEY, apply_plan, plan_model
 from prunus.kernels.registry import KernelError, resolve_device
 from prunus.kernels.tune import tune_plan
@@ -177,6 +177,8 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
 
     The end-to-end numbers compare the dense model with the same model after a plan made for
     batch-1 decode (``tokens=[1]``) has been applied, so they show what ``--runtime auto`` gives.
+    With activation gates the dense baseline runs without them (the model a user would otherwise
+    run); ``end_to_end["dense_gated"]`` is the gated model on dense kernels.
     A checkpoint stored quantized has its integer kernels timed too (the dense reference is the
     decoded float32 weight). ``compile``: time the planned model once more after
     ``torch.compile`` (:mod:`prunus.kernels.compiled_model`), under ``end_to_end["compiled"]``.
@@ -212,7 +214,9 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
         for t in seen[key]:
             rows.append({"layer": name, **t.to_dict()})
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=dev)
-    dense = time_generate(model, prompt, new_tokens)
+    with gates_off(model):  # the baseline: dense kernels, no activation gates
+        dense = time_generate(model, prompt, new_tokens)
+    gated = time_generate(model, prompt, new_tokens) if gates else None
     plan = plan_model(model, masks, [1], margin, device=dev, threads=threads, qweights=qweights,
                       also=unpruned)
     if tune and dev.type == "cpu":
@@ -222,6 +226,8 @@ def bench_model(source: str, *, device: str = "cpu", tokens: Sequence[int] = (1,
     e2e = {"dense": dense, "planned": sparse,
            "prefill_speedup": dense["prefill_s"] / sparse["prefill_s"],
            "decode_speedup": sparse["decode_tok_s"] / dense["decode_tok_s"]}
+    if gated is not None:  # the gates on dense kernels: what the gates cost without skip kernels
+        e2e["dense_gated"] = gated
     if compile:
         from prunus.kernels.compiled_model import compile_model
 
