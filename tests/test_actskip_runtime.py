@@ -83,6 +83,22 @@ def test_export_plans_gated_layers_and_the_model_computes_gate_then_dense(tmp_pa
         out = model(input_ids=ids[:, :5], use_cache=True)  # prefill, then one decode step
         step = model(input_ids=ids[:, 5:6], past_key_values=out.past_key_values).logits
         torch.testing.assert_close(step[:, -1], want[:, 5], rtol=1e-4, atol=1e-4)
+    # the loader's own gates (prunus.activation's): the skip kernels take them into themselves
+    from prunus.kernels import plans
+    from prunus.kernels.cpu import compiled_available
+
+    forced = "cpu_skip_f32" if compiled_available() else "torch_skip"
+    monkeypatch.setattr(plans, "_decide", lambda timings, tokens, margin: (
+        (forced, "forced") if any(t.kernel == forced for t in timings) else ("dense", "forced")))
+    runtime.export_runtime(str(ck), str(tmp_path / "out3"), tokens=[1], threads=1, log=lines.append)
+    with torch.no_grad():
+        model = prunus.load(tmp_path / "out3")
+        skip = [m for m in model.modules() if callable(getattr(m, "fuse_gate", None))]
+        assert skip and all(m.gate_hook is not None and not m._forward_pre_hooks for m in skip)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        step = model(input_ids=ids[:, 5:6], past_key_values=out.past_key_values).logits
+        torch.testing.assert_close(step[:, -1], want[:, 5], rtol=1e-4, atol=1e-4)
 
 
 def test_gates_off_holds_back_every_gate_and_restores_them(one_thread):

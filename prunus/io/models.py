@@ -144,9 +144,11 @@ def load_checkpoint(path: ModelSource, device: str | torch.device = "cpu",
             apply_stored_plan(model, meta, export.load_masks(path), export.load_quantized(path))
     if activation:
         from prunus.activation import reattach_gates, read_gates  # lazy: only for stored gates
+        from prunus.kernels.gating import fuse_gates
 
         if gates := read_gates(meta):
             reattach_gates(model, gates)  # after the plan: on the kernel modules now at those names
+            fuse_gates(model)  # the kernels that skip zero inputs apply them in their own pass
     return model
 
 
