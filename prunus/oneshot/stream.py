@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from prunus.evaluate import perplexity
+from prunus.io.heap import fixed_mmap_threshold, release_freed
 from prunus.io.lazy import LazyModel
 from prunus.oneshot.calibrate import Chunk, _block_output, capture_inputs, run_blockwise
 
@@ -52,6 +53,7 @@ class Streamer:
         self.eval_chunks: Optional[list[Chunk]] = None
         self.tuple_out: Optional[bool] = None  # whether a block returns a tuple (GPT-2) or a tensor
         self._hook: Any = None
+        fixed_mmap_threshold()  # a freed block's tensors go back to the system (prunus.io.heap)
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -67,6 +69,7 @@ class Streamer:
                 self.writer.add(lazy.model, lazy.state(outside), {}, lazy.tied())
         finally:
             lazy.free(outside)
+            release_freed()
 
     def enter(self, index: int, block: nn.Module) -> None:
         self.lazy.load(self.lazy.block_refs(index), f"block {index}")
@@ -88,6 +91,7 @@ class Streamer:
         if self.writer is not None:
             self.writer.add(self.lazy.model, self.lazy.state(refs), masks or {}, self.lazy.tied())
         self.lazy.free(refs)
+        release_freed()
 
     def finals(self) -> Optional[list[Tensor]]:
         """The last block's outputs on the evaluation windows, per batch (after the pass)."""
