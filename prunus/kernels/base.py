@@ -35,6 +35,12 @@ class SparseLinear(nn.Module):
         else:
             self.bias = nn.Parameter(bias.detach().clone().contiguous(), requires_grad=False)
 
+    def hold(self, **arrays: Optional[Tensor]) -> None:
+        """Register ``arrays`` as non-persistent buffers (the kernel's own format: it moves with the
+        module, and is rebuilt from the checkpoint rather than saved)."""
+        for name, t in arrays.items():
+            self.register_buffer(name, t, persistent=False)
+
     def matmul(self, x: Tensor) -> Tensor:
         """(N, in) -> (N, out), bias included. The one hook a kernel implements."""
         raise NotImplementedError

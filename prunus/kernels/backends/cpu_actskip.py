@@ -153,7 +153,7 @@ class SkipF32Linear(SkipLinear):
 
     def __init__(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
-        self.register_buffer("wt", f32_t(weight, mask), persistent=False)
+        self.hold(wt=f32_t(weight, mask))
 
     def skip(self, x: Tensor) -> Tensor:
         wt, bias = self.cached(("wt", "bias"))
@@ -178,9 +178,7 @@ class SkipInt8Linear(SkipLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         codes, scales, zeros, self.group = q8_t(qw)
-        self.register_buffer("codes_t", codes, persistent=False)
-        self.register_buffer("scales_t", scales, persistent=False)
-        self.register_buffer("zeros_t", zeros, persistent=False)
+        self.hold(codes_t=codes, scales_t=scales, zeros_t=zeros)
 
     def skip(self, x: Tensor) -> Tensor:
         c, s, z, b = self.cached(("codes_t", "scales_t", "zeros_t", "bias"))
@@ -207,9 +205,7 @@ class SkipInt4Linear(SkipLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         packed, scales, zeros, self.group = q4_t(qw)
-        self.register_buffer("packed_t", packed, persistent=False)
-        self.register_buffer("scales_t", scales, persistent=False)
-        self.register_buffer("zeros_t", zeros, persistent=False)
+        self.hold(packed_t=packed, scales_t=scales, zeros_t=zeros)
 
     def skip(self, x: Tensor) -> Tensor:
         p, s, z, b = self.cached(("packed_t", "scales_t", "zeros_t", "bias"))
@@ -237,10 +233,7 @@ class SkipBitmapInt8Linear(SkipLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         wptr, bits, vals, scales, self.group = bitmap_q8_t(qw)
-        self.register_buffer("wptr", wptr, persistent=False)
-        self.register_buffer("bits", bits, persistent=False)
-        self.register_buffer("vals", vals, persistent=False)
-        self.register_buffer("scales_t", scales, persistent=False)
+        self.hold(wptr=wptr, bits=bits, vals=vals, scales_t=scales)
 
     def skip(self, x: Tensor) -> Tensor:
         args = self.cached(("wptr", "bits", "vals", "scales_t", "bias"))
@@ -271,7 +264,7 @@ class TorchSkipLinear(SkipLinear):
     def __init__(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
         wt = (weight.detach().float() * mask.to(weight.device, torch.bool)).t().contiguous()
-        self.register_buffer("wt", wt, persistent=False)
+        self.hold(wt=wt)
 
     def skip(self, x: Tensor) -> Tensor:
         wt, bias = self.cached(("wt", "bias"))

@@ -40,9 +40,7 @@ class CSRLinear(SparseLinear):
     def __init__(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
         ptr, col, val = csr_arrays(weight, mask)
-        self.register_buffer("row_ptr", ptr, persistent=False)
-        self.register_buffer("col", col, persistent=False)
-        self.register_buffer("val", val, persistent=False)
+        self.hold(row_ptr=ptr, col=col, val=val)
 
     def matmul(self, x: Tensor) -> Tensor:
         return torch.ops.prunus_cpu.csr_linear(x, *self.cached(_CSR_ARGS), self.out_features,
@@ -69,9 +67,7 @@ class BitmapLinear(SparseLinear):
     def __init__(self, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
         ptr, bits, vals = bitmap_arrays(weight, mask)
-        self.register_buffer("val_ptr", ptr, persistent=False)
-        self.register_buffer("bits", bits, persistent=False)
-        self.register_buffer("val", vals, persistent=False)
+        self.hold(val_ptr=ptr, bits=bits, val=vals)
 
     def matmul(self, x: Tensor) -> Tensor:
         return torch.ops.prunus_cpu.bitmap_linear(x, *self.cached(_BITMAP_ARGS),
@@ -100,9 +96,7 @@ class BSRLinear(SparseLinear):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         self.block = block
         ptr, col, val = bsr_arrays(weight, mask, block)
-        self.register_buffer("block_ptr", ptr, persistent=False)
-        self.register_buffer("block_col", col, persistent=False)
-        self.register_buffer("val", val, persistent=False)
+        self.hold(block_ptr=ptr, block_col=col, val=val)
 
     def matmul(self, x: Tensor) -> Tensor:
         return torch.ops.prunus_cpu.bsr_linear(x, *self.cached(_BSR_ARGS), self.out_features,

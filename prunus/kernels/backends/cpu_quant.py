@@ -57,9 +57,7 @@ class Int8Linear(SparseLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         codes, scales, zeros, self.group = q8_arrays(qw)
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
+        self.hold(codes=codes, scales=scales, zeros=zeros)
 
     def matmul(self, x: Tensor) -> Tensor:
         codes, scales, zeros, bias = self.cached(("codes", "scales", "zeros", "bias"))
@@ -83,9 +81,7 @@ class Int4Linear(SparseLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         packed, scales, zeros, self.group = self.pack(qw)
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
+        self.hold(packed=packed, scales=scales, zeros=zeros)
 
     def matmul(self, x: Tensor) -> Tensor:
         packed, scales, zeros, bias = self.cached(("packed", "scales", "zeros", "bias"))
@@ -109,10 +105,7 @@ class BitmapInt8Linear(SparseLinear):
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw.codes.shape[1], qw.codes.shape[0], bias)
         ptr, bits, vals, scales, self.group = bitmap_q8_arrays(qw)
-        self.register_buffer("val_ptr", ptr, persistent=False)
-        self.register_buffer("bits", bits, persistent=False)
-        self.register_buffer("val", vals, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        self.hold(val_ptr=ptr, bits=bits, val=vals, scales=scales)
 
     def matmul(self, x: Tensor) -> Tensor:
         ptr, bits, val, scales, bias = self.cached(("val_ptr", "bits", "val", "scales", "bias"))
@@ -140,9 +133,8 @@ class TorchIntLinear(SparseLinear):
         codes, scales, zeros, self.group = q8_arrays(qw) if qw.quant.bits == 8 else \
             ((qw.codes.to(torch.int16) - (0 if qw.quant.symmetric else 8)).to(torch.int8),
              qw.scales.float(), None if qw.zeros is None else qw.zeros.float() - 8.0, qw.group)
-        self.register_buffer("codes", codes.contiguous(), persistent=False)
-        self.register_buffer("scales", scales.contiguous(), persistent=False)
-        self.register_buffer("zeros", None if zeros is None else zeros.contiguous(), persistent=False)
+        self.hold(codes=codes.contiguous(), scales=scales.contiguous(),
+                  zeros=None if zeros is None else zeros.contiguous())
 
     def dense_weight(self) -> Tensor:
         return _decode(self.codes, self.zeros, self.scales, self.group, self.in_features)
@@ -204,8 +196,7 @@ class Int8A8Linear(Int8Linear):
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw, bias)
-        self.register_buffer("scale_rows", self.scales.reshape(-1).contiguous(), persistent=False)
-        self.register_buffer("wsum", code_sums(qw), persistent=False)
+        self.hold(scale_rows=self.scales.reshape(-1).contiguous(), wsum=code_sums(qw))
 
     def matmul(self, x: Tensor) -> Tensor:
         codes, scales, wsum, bias = self.cached(("codes", "scale_rows", "wsum", "bias"))
@@ -219,8 +210,7 @@ class BitmapInt8A8Linear(BitmapInt8Linear):
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor]) -> None:
         super().__init__(qw, bias)
-        self.register_buffer("scale_rows", self.scales.reshape(-1).contiguous(), persistent=False)
-        self.register_buffer("wsum", code_sums(qw), persistent=False)
+        self.hold(scale_rows=self.scales.reshape(-1).contiguous(), wsum=code_sums(qw))
 
     def matmul(self, x: Tensor) -> Tensor:
         ptr, bits, val, scales, wsum, bias = self.cached(("val_ptr", "bits", "val", "scale_rows",
