@@ -217,3 +217,24 @@ def test_registry_and_errors():
         run(w, LayerStats(10), 0.5, U)
     with pytest.raises(SpecError, match="layer.*percdamp"):
         run(w, LayerStats(1, hessian=torch.ones(10, 10)), 0.5, U, percdamp=0.0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_factor_in_place_is_the_out_of_place_chain(symmetric):
+    """The inverse-Hessian factor computed in place on one copy (exactly symmetric H) is
+    bit-identical to cholesky -> cholesky_inverse -> cholesky(upper); an H that is not exactly
+    symmetric takes the out-of-place calls (which read its lower triangle)."""
+    from prunus.algorithms.sparsegpt import _factor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g)
+    h = x.t() @ x + torch.eye(96)
+    if symmetric:
+        h = torch.tril(h) + torch.tril(h, -1).t()
+        assert torch.equal(h, h.t())
+    else:
+        h[3, 50] += 1e-3  # upper triangle only: the lower triangle is the matrix
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    got = _factor(h.clone())
+    assert torch.equal(got, want)
+    assert _factor(-torch.eye(4)) is None
