@@ -287,8 +287,9 @@ assert cpu.load_extension(), cpu.unavailable_reason()
 assert cpu.build_info()["isa"] == "baseline", cpu.build_info()
 torch.manual_seed(0)
 skip = ("cpu_skip_f32", "cpu_skip_bitmap_int8")  # the portable loops of csrc/cpu_actskip.cpp
-for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cpu_csr", "cpu_skip_int8") + skip),
-                      ("int4g32z", ("cpu_int4", "cpu_bitmap_int8", "cpu_skip_int4") + skip)):
+for spec, kernels in (("int8", ("cpu_int8", "cpu_bitmap_int8", "cpu_bitmap", "cpu_csr", "cpu_skip_int8",
+                                 "cpu_csr_int8") + skip),
+                      ("int4g32z", ("cpu_int4", "cpu_bitmap_int8", "cpu_skip_int4", "cpu_csr_int8") + skip)):
     w = torch.randn(20, 96); keep = torch.rand(20, 96) > 0.5
     qw = rtn(w, keep, parse_quant(spec), "t")
     lin = nn.Linear(96, 20); lin.weight.data = qw.dequantize()

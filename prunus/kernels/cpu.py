@@ -10,9 +10,10 @@ The kernels:
   permute; reads less than dense or CSR at 50-80% sparsity. Any pattern.
 - ``cpu_bsr``: blocks of R x C weights with register blocking over the block's rows. Block patterns.
 - ``torch_csr`` / ``torch_bsr``: ``torch.sparse`` CSR/BSR matmul; always available, usually slower.
-- the integer kernels (``csrc/cpu_quant.cpp``, :mod:`prunus.kernels.backends.cpu_quant`) and the
-  decode kernels that skip zero inputs (``csrc/cpu_actskip.cpp``,
-  :mod:`prunus.kernels.backends.cpu_actskip`) are built into the same extension.
+- the integer kernels (``csrc/cpu_quant.cpp`` and ``csrc/cpu_csr_q8.cpp``,
+  :mod:`prunus.kernels.backends.cpu_quant`) and the decode kernels that skip zero inputs
+  (``csrc/cpu_actskip.cpp``, :mod:`prunus.kernels.backends.cpu_actskip`) are built into the same
+  extension.
 
 The C++ source (``csrc/cpu_sparse.cpp``) is compiled by ``torch.utils.cpp_extension.load`` (needs
 ``ninja`` and a C++ compiler) into torch's extension cache, once per machine and source version:
@@ -39,10 +40,11 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_sparse.cpp"
-SOURCES = (SOURCE, CSRC / "cpu_quant.cpp", CSRC / "cpu_actskip.cpp")  # each includes common.h
+SOURCES = (SOURCE, CSRC / "cpu_quant.cpp", CSRC / "cpu_actskip.cpp",
+           CSRC / "cpu_csr_q8.cpp")  # each includes common.h
 COMPILED = ("cpu_csr", "cpu_bitmap", "cpu_bsr", "cpu_int8", "cpu_int4", "cpu_bitmap_int8",
             "cpu_int8_a8", "cpu_bitmap_int8_a8", "cpu_int4_a8", "cpu_skip_f32", "cpu_skip_int8",
-            "cpu_skip_int4", "cpu_skip_bitmap_int8")
+            "cpu_skip_int4", "cpu_skip_bitmap_int8", "cpu_csr_int8")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2")
 
 _lock = threading.Lock()
@@ -153,6 +155,7 @@ def _register_fakes() -> None:
         out_of(name, lambda a: a[0].shape[0])  # codes / packed (out, ...)
     for name in ("bitmap_q8_linear", "bitmap_q8a8_linear"):
         out_of(name, lambda a: a[1].shape[0])  # (val_ptr, bits (out, words), ...)
+    out_of("csr_q8_linear", lambda a: a[0].shape[0] - 1)  # (row_ptr (out + 1), ...)
     # (..., out_features[, threshold, scale]): out_features by its place after x
     for name, at in (("skip_f32_linear", 2), ("skip_q8_linear", 5), ("skip_q4_linear", 5),
                      ("skip_bitmap_q8_linear", 6)):

@@ -2,7 +2,8 @@
 :class:`~prunus.core.quant.QuantizedWeight` (its integer codes, not floats re-quantized).
 
 Every format decodes to ``QuantizedWeight.dequantize()`` exactly: ``W[r, c] = s * (q - z)``, with
-``s`` and ``z`` of the group of column ``c`` (see ``csrc/cpu_quant.cpp`` for the layouts):
+``s`` and ``z`` of the group of column ``c`` (see ``csrc/cpu_quant.cpp`` and ``csrc/cpu_csr_q8.cpp``
+for the layouts):
 
 - :func:`q8_arrays`: int8 codes (out, in); an asymmetric (uint8) grid is shifted by 128, codes and
   zero points alike, so that one signed kernel serves both.
@@ -11,6 +12,8 @@ Every format decodes to ``QuantizedWeight.dequantize()`` exactly: ``W[r, c] = s 
   point 8.
 - :func:`bitmap_q8_arrays`: one bit per weight (int64 words of 64 columns) and the kept weights'
   values ``q - z`` as int8 (an asymmetric int8 grid does not fit: :func:`bitmap_q8_serves`).
+- :func:`csr_q8_arrays`: CSR of the kept weights (row pointer, ascending uint16 or int32 column
+  indices) with the same int8 values ``q - z`` (:func:`csr_q8_serves`; ``csrc/cpu_csr_q8.cpp``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ def bitmap_q8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
     """Symmetric int8, or int4 (values ``q - z`` fit int8), per channel or in groups of 16 or more."""
     fits = quant.bits == 4 or (quant.bits == 8 and quant.symmetric)
     return fits and (quant.group is None or quant.group >= 16)
+
+
+def csr_q8_serves(quant: Quant, shape: tuple[int, int]) -> bool:
+    """Symmetric int8, or int4 (values ``q - z`` fit int8), per channel or in any group the grid
+    allows (8 and up: the kernel finds each group's run of a row's columns, no SIMD width binds)."""
+    return quant.bits == 4 or (quant.bits == 8 and quant.symmetric)
 
 
 def q8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
@@ -110,6 +119,40 @@ def bitmap_q8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, Tenso
     vals = torch.cat([v[keep].to(torch.int8), torch.zeros(64, dtype=torch.int8)])
     return ptr.to(torch.int32), bits.contiguous(), vals.contiguous(), \
         qw.scales.float().contiguous(), _group(qw)
+
+
+def _values(qw: QuantizedWeight) -> Tensor:
+    """``q - z`` of every weight (out, in) as int16 (``q`` where the grid has no zero points)."""
+    v = qw.codes.to(torch.int16)
+    if qw.zeros is not None:
+        v = v - qw.zeros.to(torch.int16).repeat_interleave(_group(qw), dim=1)
+    return v
+
+
+def csr_q8_arrays(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """(row_ptr int32 (out + 1), col (nnz) -- uint16 stored as int16 when in <= 65536, else int32 --,
+    values ``q - z`` int8 (nnz), scales (out, G), group): each row's kept weights in ascending
+    column order, so that ``W[r, c] = scales[r, c // group] * value``."""
+    out_f, in_f = qw.codes.shape
+    keep = qw.keep.bool()
+    v = _values(qw)
+    kept = v[keep]
+    if kept.numel() and (int(kept.min()) < -128 or int(kept.max()) > 127):
+        raise ValueError(f"{qw.quant}: the values q - z do not fit int8 (csr_q8_serves)")
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+    ptr = torch.zeros(out_f + 1, dtype=torch.int64)
+    ptr[1:] = keep.sum(dim=1).cumsum(0)
+    col = cols.to(torch.int32)
+    if in_f <= 65536:
+        col = torch.where(col >= 32768, col - 65536, col).to(torch.int16)
+    return ptr.to(torch.int32), col.contiguous(), kept.to(torch.int8).contiguous(), \
+        qw.scales.float().contiguous(), _group(qw)
+
+
+def csr_columns(col: Tensor) -> Tensor:
+    """The int64 column indices of :func:`csr_q8_arrays`' ``col`` (int16 read as uint16)."""
+    c = col.to(torch.int64)
+    return c & 0xFFFF if col.dtype == torch.int16 else c
 
 
 def bitmap_mask(bits: Tensor, in_f: int) -> Tensor:
