@@ -179,3 +179,24 @@ def test_read_gates_names_the_bad_layer(layers, match):
 def test_read_gates_refuses_a_malformed_entry(entry):
     with pytest.raises(PrunusError):
         read_gates({ACT_KEY: entry})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0.0, 1e-30, 0.3, 0.5, 1.7, 100.0, 1e39])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gate_input_is_the_masked_definition(dtype, threshold, scaled):
+    """gate_input (hardshrink at the float32 just below the threshold) zeroes exactly the entries
+    the definition does, ``score < threshold`` in float32: ties kept, NaN kept, zeros stay zero."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(64, generator=g) * 2 if scaled else None
+    x = torch.randn(5, 64, generator=g).to(dtype)
+    tie = min(threshold, 3e38)  # 1e39: past float32, nothing finite is kept
+    x[0, 3], x[1, 4], x[2, 5], x[3, 6] = tie, -tie, float("nan"), 0.0
+    if scaled:
+        x[4, 7] = tie / max(float(scale[7]), 1.0)
+    score = x.abs().float() * (1.0 if scale is None else scale)
+    want = x.masked_fill(score < threshold, 0.0)
+    got = gate_input(x, threshold, scale)
+    assert got.dtype == x.dtype
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0))

@@ -39,8 +39,15 @@ def _timing(kernel, speedup, tokens=1):
 def test_prefill_choice_by_hand():
     t = [_timing(SKIP, 1.5), _timing("cpu_csr", 1.2), _timing("cpu_bitmap", 0.9)]
     assert decide(t, [1], 1.1)[0] == SKIP
-    assert prefill_choice(SKIP, t, [1], 1.1) == "cpu_csr"
-    assert prefill_choice(SKIP, t, [1], 1.25) == "dense"  # no other kernel wins by the margin
+    # a decode plan measured no prefill: the skip kernel's own dense product, whatever won at 1 token
+    assert prefill_choice(SKIP, t, [1], 1.1) == "dense"
+    # prefill is judged at the token counts above SKIP_TOKENS only: cpu_bitmap loses at 1 token,
+    # wins at 16 and 128; cpu_csr wins at 1 token, loses at 128
+    t += [_timing(SKIP, 0.9, 16), _timing("cpu_csr", 1.3, 16), _timing("cpu_bitmap", 1.4, 16),
+          _timing(SKIP, 0.9, 128), _timing("cpu_csr", 0.8, 128), _timing("cpu_bitmap", 1.2, 128)]
+    assert prefill_choice(SKIP, t, [1, 16, 128], 1.1) == "cpu_bitmap"
+    assert prefill_choice(SKIP, t, [1, 16, 128], 1.25) == "dense"  # no other kernel wins by the margin
+    assert prefill_choice(SKIP, t, [1, 16], 1.1) == "cpu_bitmap"
     assert prefill_choice("cpu_csr", t, [1], 1.1) == ""  # only a skip kernel gets one
     assert is_input_sparse(SKIP) and not is_input_sparse("cpu_csr") and not is_input_sparse("dense")
 

@@ -31,14 +31,23 @@ def is_input_sparse(kernel: str) -> bool:
     return spec is not None and spec.input_sparse
 
 
+SKIP_TOKENS = 4  # a kernel that skips zero inputs runs calls of at most this many tokens
+
+
 def prefill_choice(kernel: str, timings: Sequence[Timing], tokens: Sequence[int],
                    margin: float) -> str:
-    """For ``kernel`` skipping zero inputs: the layer's choice by :func:`decide` among the other
-    kernels (the same timings; theirs do not depend on the zeros), which long calls keep; ``""``
-    for any other kernel."""
+    """For ``kernel`` skipping zero inputs: what its calls of more than :data:`SKIP_TOKENS` tokens
+    run, ``""`` for any other kernel. That is the layer's choice by :func:`decide` among the other
+    kernels (the same timings; theirs do not depend on the zeros), judged at the planned token
+    counts above :data:`SKIP_TOKENS` only: a kernel that wins at decode may lose at prefill (the
+    float bitmap kernel on an unpruned weight does), so with no such count measured (a decode plan,
+    ``tokens=[1]``) it is ``"dense"``: the skip kernel's own dense product."""
     if not is_input_sparse(kernel):
         return ""
-    return decide([t for t in timings if not is_input_sparse(t.kernel)], tokens, margin)[0]
+    long = [n for n in tokens if n > SKIP_TOKENS]
+    if not long:
+        return "dense"
+    return decide([t for t in timings if not is_input_sparse(t.kernel) and t.tokens in long], long, margin)[0]
 
 
-__all__ = ["decide", "is_input_sparse", "prefill_choice"]
+__all__ = ["SKIP_TOKENS", "decide", "is_input_sparse", "prefill_choice"]

@@ -45,13 +45,14 @@ from prunus.kernels.actskip_formats import (bitmap_q8_t, bitmap_t_mask, decode_t
 from prunus.kernels.base import SparseLinear
 from prunus.kernels.cpu_formats import check_weight
 from prunus.kernels.patterns import ALL_PATTERNS
+from prunus.kernels.decide import SKIP_TOKENS
 from prunus.kernels.registry import KernelError, KernelSpec, register_kernel
 
 
 class SkipLinear(SparseLinear):
     """Base of the kernels that skip zero inputs: :meth:`skip` for decode, the prefill path else."""
 
-    max_tokens: ClassVar[int] = 4  # calls of at most this many tokens skip zero inputs
+    max_tokens: ClassVar[int] = SKIP_TOKENS  # calls of at most this many tokens skip zero inputs
 
     fused_gate: ClassVar[bool] = True  # skip() applies a fused gate's threshold itself
 
