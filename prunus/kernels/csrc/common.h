@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace prunus_kernels {
@@ -59,6 +60,19 @@ void for_even_rows(int64_t rows, int64_t work, int64_t align, const F& f) {
       if (r0 < r1) f(r0, r1);
     }
   });
+}
+
+// Tokens [0, n) in tiles of 4, 2, 1: tile(std::integral_constant<int, T>(), t) for each tile's first
+// token t (the decode kernels unroll over T tokens).
+template <typename Tile>
+void token_tiles(int64_t n, const Tile& tile) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) tile(std::integral_constant<int, 4>(), t);
+  if (n - t >= 2) {
+    tile(std::integral_constant<int, 2>(), t);
+    t += 2;
+  }
+  if (n - t >= 1) tile(std::integral_constant<int, 1>(), t);
 }
 
 }  // namespace prunus_kernels

@@ -150,13 +150,7 @@ void csr_q8_rows(const CsrQ8<Idx>& w, const float* x, int64_t n, const float* bi
     csr_q8_rows_portable<T>(w, x + t * w.in, bias, y + t * out, out, r0, r1);
 #endif
   };
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) tile(std::integral_constant<int, 4>(), t);
-  if (n - t >= 2) {
-    tile(std::integral_constant<int, 2>(), t);
-    t += 2;
-  }
-  if (n - t >= 1) tile(std::integral_constant<int, 1>(), t);
+  prunus_kernels::token_tiles(n, tile);
 }
 
 template <typename Idx>

@@ -43,6 +43,7 @@ namespace {
 
 using prunus_kernels::for_even_rows;
 using prunus_kernels::for_rows;
+using prunus_kernels::token_tiles;  // tokens in tiles of 4, 2, 1 (n < kDenseFrom)
 
 #ifndef PRUNUS_RB1
 #define PRUNUS_RB1 1
@@ -359,17 +360,6 @@ void b8_row_simd(const B8& w, int64_t r, float* out) {
 }
 #endif  // PRUNUS_AVX512
 
-// Tokens [0, n) in tiles of 4, 2, 1 (n < kDenseFrom), rows [r0, r1), with tile<T>(x, y, r0, r1).
-template <typename Tile>
-void token_tiles(int64_t n, const Tile& tile) {
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) tile(std::integral_constant<int, 4>(), t);
-  if (n - t >= 2) {
-    tile(std::integral_constant<int, 2>(), t);
-    t += 2;
-  }
-  if (n - t >= 1) tile(std::integral_constant<int, 1>(), t);
-}
 
 void check_x(const at::Tensor& x, int64_t in, const c10::optional<at::Tensor>& bias, int64_t out) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
