@@ -63,6 +63,10 @@ QUANTS = ("", "+int8", "+int4g64")  # int4 in groups of 64: 576, SmolLM2's width
 ACT_SPECS = "0,2:4+int8,0.5+int8"  # weights of the activation sparsity rows ("0": dense)
 ACT_SPARSITIES = "0.25,0.4"
 ACT_METHODS = "teal,wina,uniform"
+#: structured rows (uniform widths, FLAP + bias compensation + reconstruction): 27% of MLP channels
+#: is 20% of block parameters, 416 of 1536 channels (a multiple of 32, as bench/structured.py has it)
+STRUCT_SPECS = "mlp@0.270833"
+STRUCT_TAIL = " flap+bias+rec"
 
 
 def activation_available() -> bool:
@@ -95,6 +99,23 @@ def act_args(row: dict[str, Any]) -> list[str]:
     return ["--activation-sparsity", str(act["sparsity"]), "--activation-method", act["method"]]
 
 
+def split_names(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def llama_names(a: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """The llama.cpp rows (name, format, structured spec or None) that this run measures: the
+    bundled model in every ``--llama-formats``, and each structured row's checkpoint converted to
+    GGUF in ``--struct-llama-formats``; with ``--only``, those it names."""
+    out = [(f"llama.cpp {f}", f, None) for f in split_names(a.llama_formats)]
+    out += [(f"llama.cpp {f} of prunus {spec}{STRUCT_TAIL}", f, spec)
+            for spec in split_names(a.struct_specs) for f in split_names(a.struct_llama_formats)]
+    if a.only:
+        keep = set(split_names(a.only))
+        out = [x for x in out if x[0] in keep]
+    return out
+
+
 def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {"name": "dense fp32", "kind": "dense"},
@@ -110,6 +131,8 @@ def rows_wanted(a: argparse.Namespace) -> list[dict[str, Any]]:
               "act_int8": True} for r in list(rows)
              if r["kind"] == "prunus" and ("int8" in r["spec"] or "int4" in r["spec"])]
     rows += activation_rows(a)
+    rows += [{"name": f"prunus {spec}{STRUCT_TAIL}", "kind": "prunus", "spec": spec, "structured": True}
+             for spec in split_names(a.struct_specs)]
     for name in a.compile_rows.split(",") if a.compile_rows else []:
         base = next((r for r in rows if r["name"] == name.strip()), None)
         if base is not None:
@@ -125,8 +148,25 @@ def slug(spec: str, method: str, act: dict[str, Any] | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", f"{method}_{spec}{tail}")
 
 
+def struct_args(row: dict[str, Any], a: argparse.Namespace) -> list[str]:
+    """The ``prunus prune`` flags of a structured row: uniform widths, FLAP's bias compensation,
+    block-wise reconstruction, and a plain transformers folder (what llama.cpp's converter reads)."""
+    if not row.get("structured"):
+        return []
+    return ["--structure-allocation", "uniform", "--heads-unit", "group", "--compensate",
+            "--reconstruct", str(a.struct_reconstruct), "--format", "dense"]
+
+
+def row_slug(row: dict[str, Any], a: argparse.Namespace) -> str:
+    """The stem of a prunus row's checkpoint (``ck-``) and runtime (``rt-``) folders in ``--work``."""
+    return slug(row["spec"], prune_method(row, a) if row.get("structured") else a.method, row.get("act"))
+
+
 def prune_method(row: dict[str, Any], a: argparse.Namespace) -> str:
-    """``--method``: the row's pruning method (magnitude for untouched weights, sparsity 0)."""
+    """``--method``: the row's pruning method (magnitude for untouched weights, sparsity 0; FLAP's
+    channel score for a structured row)."""
+    if row.get("structured"):
+        return "flap"
     untouched = row["spec"].split("+")[0] in ("0", "0%", "0.0")
     return "magnitude" if row.get("act") and untouched else a.method
 
@@ -142,7 +182,7 @@ def _run(cmd: list[str], log) -> subprocess.CompletedProcess:  # type: ignore[no
 def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # type: ignore[no-untyped-def]
     """Prune (cached) and export with a measured kernel plan (cached); the runtime folder."""
     work = Path(a.work)
-    name = slug(row["spec"], a.method, row.get("act"))
+    name = row_slug(row, a)
     ck = work / f"ck-{name}"
     rt = work / f"rt-{name}{'-a8' if row.get('act_int8') else ''}{'-tuned' if a.tune else ''}"
     py = [sys.executable, "-m", "prunus"]
@@ -150,8 +190,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
         t0 = time.perf_counter()
         r = _run(py + ["prune", a.model, "--method", prune_method(row, a), "--sparsity", row["spec"],
                        "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
-                       "--no-baselines", "--quiet", "--out", str(ck), "--overwrite"] + act_args(row),
-                 log)
+                       "--no-baselines", "--quiet", "--out", str(ck), "--overwrite"] + act_args(row)
+                 + struct_args(row, a), log)
         if r.returncode != 0:
             return None
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -251,24 +291,57 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _peer(a: argparse.Namespace, formats: list[str], out: Path, log, source: Path | None = None):  # type: ignore[no-untyped-def]
+    """``bench/peer_llamacpp.py`` in the llama.cpp venv: the bundled GGUF, or ``source`` (F32)."""
+    src = ["--source", str(source), "--source-format", "F32"] if source is not None else []
+    return _run([str(LLAMA_PY), str(ROOT / "bench/peer_llamacpp.py"), *src, "--formats", ",".join(formats),
+                 "--threads", str(a.threads), "--windows", str(a.windows), "--seqlen", str(a.seqlen),
+                 "--eval", a.eval, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens",
+                 str(a.new_tokens), "--work", str(Path(a.work) / "gguf"), "--json", str(out)], log)
+
+
 def llamacpp_rows(a: argparse.Namespace, log) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The llama.cpp rows of :func:`llama_names`: the bundled model, and each structured checkpoint
+    (``ck-`` in ``--work``, pruned by its prunus row) converted by ``bench/to_gguf.py``."""
+    wanted = llama_names(a)
+    if not wanted:
+        return []
     if not LLAMA_PY.exists():
         log(f"llama.cpp rows skipped: {LLAMA_PY} is absent (bash bench/setup_llamacpp.sh)")
         return []
-    out = Path(a.work) / "llamacpp.json"
-    r = _run([str(LLAMA_PY), str(ROOT / "bench/peer_llamacpp.py"), "--formats", a.llama_formats,
-              "--threads", str(a.threads), "--windows", str(a.windows), "--seqlen", str(a.seqlen),
-              "--eval", a.eval, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens",
-              str(a.new_tokens), "--work", str(Path(a.work) / "gguf"), "--json", str(out)], log)
-    if r.returncode != 0:
-        return [{"name": "llama.cpp", "kind": "llamacpp", "error": (r.stderr.strip().splitlines() or ["?"])[-1]}]
-    doc = json.loads(out.read_text())
-    rows = []
-    for x in doc["rows"]:
-        rows.append({"name": f"llama.cpp {x['format']}", "kind": "llamacpp", "ppl": x.get("ppl"),
-                     "decode_tok_s": x.get("decode_tok_s"), "prefill_ms": x.get("prefill_ms"),
-                     "bytes": x.get("bytes"), "peak_rss_mb": x.get("peak_rss_mb"),
-                     "kernels": doc.get("runtime", ""), "threads": a.threads})
+    groups: dict[str | None, list[tuple[str, str]]] = {}
+    for name, fmt, spec in wanted:
+        groups.setdefault(spec, []).append((name, fmt))
+    rows: list[dict[str, Any]] = []
+    for spec, items in groups.items():
+        source = None
+        if spec is not None:
+            ck = Path(a.work) / f"ck-{row_slug({'spec': spec, 'structured': True}, a)}"
+            source = Path(a.work) / "gguf" / f"{ck.name}.F32.gguf"
+            source.parent.mkdir(parents=True, exist_ok=True)
+            err = None
+            if not (ck / "config.json").is_file():
+                err = f"{ck} is missing: run its row (prunus {spec}{STRUCT_TAIL}) first"
+            elif (r := _run([str(LLAMA_PY), str(ROOT / "bench/to_gguf.py"), str(ck), str(source)], log)).returncode:
+                err = "to_gguf: " + ((r.stderr.strip().splitlines() or ["?"])[-1])
+            if err:
+                rows += [{"name": n, "kind": "llamacpp", "error": err} for n, _ in items]
+                continue
+        out = Path(a.work) / f"llamacpp{'' if spec is None else '-' + source.stem}.json"  # type: ignore[union-attr]
+        r = _peer(a, [f for _, f in items], out, log, source)
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            rows += [{"name": n, "kind": "llamacpp", "error": err} for n, _ in items]
+            continue
+        doc = json.loads(out.read_text())
+        by_fmt = {x["format"]: x for x in doc["rows"]}
+        for name, fmt in items:
+            x = by_fmt.get(fmt, {})
+            rows.append({"name": name, "kind": "llamacpp", "ppl": x.get("ppl"),
+                         "decode_tok_s": x.get("decode_tok_s"), "prefill_ms": x.get("prefill_ms"),
+                         "bytes": x.get("bytes"), "peak_rss_mb": x.get("peak_rss_mb"),
+                         "kernels": doc.get("runtime", ""), "threads": a.threads,
+                         **({"structured": spec} if spec is not None else {})})
     return rows
 
 
@@ -312,7 +385,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {"prunus": "tab:blue", "llamacpp": "tab:orange"}
     for r in pts:
-        c = colors.get(r["kind"], "tab:gray")
+        c = "tab:green" if r.get("structured") else colors.get(r["kind"], "tab:gray")
         ax.scatter(r["decode_tok_s"], r["ppl"], c=c, s=60 if r["name"] in front else 25,
                    edgecolors="black" if r["name"] in front else "none")
         ax.annotate(r["name"], (r["decode_tok_s"], r["ppl"]), fontsize=7, xytext=(3, 3),
@@ -347,7 +420,12 @@ def parser() -> argparse.ArgumentParser:
                     help="weights of the activation sparsity rows ('' for none)")
     ap.add_argument("--act-sparsities", default=ACT_SPARSITIES, help="fractions of zero inputs")
     ap.add_argument("--act-methods", default=ACT_METHODS, help="gate methods (teal, wina, uniform)")
-    ap.add_argument("--only", help="comma-separated row names")
+    ap.add_argument("--struct-specs", default=STRUCT_SPECS,
+                    help="structured rows: uniform widths, FLAP + bias compensation + reconstruction ('' for none)")
+    ap.add_argument("--struct-reconstruct", type=int, default=4, help="reconstruction epochs of the structured rows")
+    ap.add_argument("--struct-llama-formats", default="Q8_0,Q4_1",
+                    help="llama.cpp formats of the structured rows' checkpoints ('' for none)")
+    ap.add_argument("--only", help="comma-separated row names (llama.cpp rows included)")
     ap.add_argument("--work", default=str(ROOT / "runs/frontier-work"))
     ap.add_argument("--json")
     ap.add_argument("--plot")
@@ -402,7 +480,7 @@ def main() -> int:
                 doc["rows"].append({**row, "error": "prune or export failed (see the log)"})
                 continue
             row["runtime_dir"] = str(rt)
-            sec = Path(a.work) / f"{slug(row['spec'], a.method, row.get('act'))}.prune_seconds"
+            sec = Path(a.work) / f"{row_slug(row, a)}.prune_seconds"
             if sec.exists():
                 row["prune_seconds"] = float(sec.read_text())
         cmd = [sys.executable, __file__, "--one", json.dumps(row)] + [
@@ -416,7 +494,7 @@ def main() -> int:
         log(json.dumps(doc["rows"][-1]))
         if a.json and update is None:
             write_json(a.json, doc)
-    if not a.skip_llamacpp and not a.only:
+    if not a.skip_llamacpp:
         doc["rows"] += llamacpp_rows(a, log)
     if update is not None:  # the re-measured rows replace their namesakes, in place
         new = {r["name"]: {**r, "remeasured": doc["machine"]["date"]} for r in doc["rows"]}

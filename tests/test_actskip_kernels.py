@@ -71,19 +71,29 @@ def test_skip_kernels_match_dense(spec, shape, sparsity, one_thread):
 
 @needs_build
 @pytest.mark.parametrize("shape", [(130, 576), (256, 320)])
-def test_two_threads_split_the_outputs(shape):
-    """Large enough for both threads: each takes a range of 64 outputs (the last one padded)."""
+def test_two_threads_split_the_inputs(shape):
+    """Large enough for both threads: each takes half the non-zero inputs, whole rows, and the two
+    partial sums are added; a share ends inside a group of the quantization grid, so each share
+    applies the zero points with the sum of x over its own rows of that group. The same result as
+    one thread (up to float summation order) and as the dense product."""
     n = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
         lin4, keep, q4 = _layer(*shape, 0.5, "int4g64z")
         lin8, _, q8 = _layer(*shape, 0.5, "int8")  # the same seed: the same mask
+        lin8z, _, q8z = _layer(*shape, 0.5, "int8g64z")
         gen = torch.Generator().manual_seed(2)
         for kernel, layer, q in (("cpu_skip_f32", lin8, None), ("cpu_skip_int4", lin4, q4),
-                                 ("cpu_skip_int8", lin8, q8), ("cpu_skip_bitmap_int8", lin8, q8)):
+                                 ("cpu_skip_int8", lin8, q8), ("cpu_skip_int8", lin8z, q8z),
+                                 ("cpu_skip_bitmap_int8", lin8, q8)):
             m = SparseLinear.from_dense(layer, keep, kernel, qweight=q)
             for tokens in (1, 4):
-                _check(m, layer, q, sparse_input(tokens, shape[1], 0.4, gen))
+                x = sparse_input(tokens, shape[1], 0.4, gen)
+                torch.set_num_threads(1)
+                one = m(x)
+                torch.set_num_threads(2)
+                two = m(x)
+                _check(m, layer, q, x)
+                torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(n)
 

@@ -76,3 +76,38 @@ def test_activation_rows_are_skipped_without_the_package(tmp_path, monkeypatch, 
     (row,) = json.loads(out.read_text())["rows"]
     assert row["name"] == "prunus 0.5+int8 +act25% wina" and row["error"].startswith("skipped")
     assert "skipped" in capsys.readouterr().out
+
+
+def test_structured_rows_prune_flap_with_recovery_and_name_their_llamacpp_rows(tmp_path, monkeypatch):
+    fr = _frontier()
+    a = fr.parser().parse_args(["--work", str(tmp_path)])
+    rows = {r["name"]: r for r in fr.rows_wanted(a)}
+    row = rows["prunus mlp@0.270833 flap+bias+rec"]
+    assert row["structured"] and row["spec"] == "mlp@0.270833"
+    cmds = []
+    monkeypatch.setattr(fr, "_run", lambda cmd, log: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    fr.prepare(row, a, print)
+    prune = cmds[0]
+    assert prune[prune.index("--method") + 1] == "flap"
+    for flag, value in (("--format", "dense"), ("--structure-allocation", "uniform"), ("--reconstruct", "4")):
+        assert prune[prune.index(flag) + 1] == value
+    assert "--compensate" in prune and prune[prune.index("--out") + 1].endswith("ck-flap_mlp_0_270833")
+    names = [n for n, _, _ in fr.llama_names(a)]
+    assert names == ["llama.cpp Q8_0", "llama.cpp Q4_1", "llama.cpp F16",
+                     "llama.cpp Q8_0 of prunus mlp@0.270833 flap+bias+rec",
+                     "llama.cpp Q4_1 of prunus mlp@0.270833 flap+bias+rec"]
+    only = fr.parser().parse_args(["--only", "dense fp32,llama.cpp Q8_0 of prunus mlp@0.270833 flap+bias+rec"])
+    assert fr.llama_names(only) == [("llama.cpp Q8_0 of prunus mlp@0.270833 flap+bias+rec", "Q8_0", "mlp@0.270833")]
+    assert [r["name"] for r in fr.rows_wanted(only)] == ["dense fp32"]
+    assert fr.llama_names(fr.parser().parse_args(["--struct-specs", "", "--llama-formats", "Q8_0"])) == [
+        ("llama.cpp Q8_0", "Q8_0", None)]
+
+
+def test_structured_llamacpp_row_without_its_checkpoint_is_an_error_row(tmp_path, monkeypatch):
+    fr = _frontier()
+    monkeypatch.setattr(fr, "LLAMA_PY", tmp_path / "python")
+    (tmp_path / "python").write_text("")
+    monkeypatch.setattr(fr, "_run", lambda cmd, log: (_ for _ in ()).throw(AssertionError(cmd)))
+    a = fr.parser().parse_args(["--work", str(tmp_path), "--only", "llama.cpp Q4_1 of prunus mlp@0.270833 flap+bias+rec"])
+    (row,) = fr.llamacpp_rows(a, print)
+    assert row["name"].startswith("llama.cpp Q4_1 of") and "is missing" in row["error"]

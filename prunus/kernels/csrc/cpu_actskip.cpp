@@ -24,8 +24,11 @@
 // point enters as s * z * (sum of x over the group):  y = sum_g s_g * (P_g - z_g * xsum_g) + bias.
 // So the result is the product with QuantizedWeight.dequantize() up to float summation order.
 //
-// Threads (at::parallel_for via common.h) split the outputs in ranges of 64; each thread reads its
-// part of every non-zero row and keeps its partial sums in L1. With AVX-512 (F, BW, VL, DQ, VBMI2;
+// Threads (at::parallel_for) split the non-zero inputs in equal shares: each reads whole rows, so its
+// reads are long ascending streams with gaps where inputs are zero (the hardware prefetchers follow
+// them; split by outputs instead, every thread jumped from row to row every ldw / threads outputs),
+// and keeps its partial sums for every output (T x ldw floats, in L1 or L2); the shares' sums are
+// added at the end (with the bias). With AVX-512 (F, BW, VL, DQ, VBMI2;
 // the Python loader passes -mavx512* where the CPU has them) 64 outputs of J rows are decoded and
 // multiply-added per step, the next rows prefetched; elsewhere a portable loop decodes a row
 // segment and adds it (the compiler vectorises it for AVX2).
@@ -52,7 +55,7 @@ namespace {
 
 using prunus_kernels::for_even_rows;
 
-constexpr int64_t kLanes = 64;  // ldw is a multiple of this; threads split outputs by it
+constexpr int64_t kLanes = 64;  // ldw is a multiple of this (the AVX-512 step: 64 outputs)
 
 // ---------------------------------------------------------------------------------------------
 // The formats: decode a segment [o0, o1) of row j (portable), and 64 outputs (AVX-512).
@@ -227,12 +230,11 @@ inline void acc_rows(const Fmt& f, const int32_t* rows, const float* xv, const i
 }
 
 template <int T, typename Fmt>
-void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, float* P, int64_t len,
+void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, int64_t kend, float* P, int64_t len,
                 int64_t o0, int64_t o1) {
   constexpr int J = T == 4 ? 2 : 4;  // rows per step: J * T broadcasts + 4 T sums in registers
   const int32_t* idx = tl.idx.data();
   const float* xv = tl.xv.data();
-  const int64_t kend = static_cast<int64_t>(tl.idx.size());
   int64_t k = k0;
   for (; k + J <= k1; k += J) {
     const int nn = static_cast<int>(std::min<int64_t>(J, kend - (k + J)));
@@ -242,7 +244,7 @@ void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, float* P, 
 }
 #else
 template <int T, typename Fmt>
-void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, float* P, int64_t len,
+void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, int64_t /*kend*/, float* P, int64_t len,
                 int64_t o0, int64_t o1) {
   std::vector<float> row(len);
   for (int64_t k = k0; k < k1; ++k) {
@@ -263,35 +265,34 @@ struct Grid {
   int64_t G, gs;
 };
 
-// y[t0 .. t0 + T) for outputs [o0, o1) of one thread.
+// The non-zero rows k in [ka, kb) of the tile, every output: A (T, ldw) += their products, scaled
+// per group (a zero point with the sum of x over these rows of the group). A thread's share.
 template <int T, typename Fmt>
-void tile_range(const Fmt& f, const Tile& tl, const Grid& q, int64_t ldw, const float* bias, float* y,
-                int64_t out, int64_t o0, int64_t o1) {
-  const int64_t len = o1 - o0, end = std::min(o1, out);
-  std::vector<float> P(T * len), A(q.G > 1 ? T * len : 0, 0.f);
+void tile_rows(const Fmt& f, const Tile& tl, const Grid& q, int64_t ldw, int64_t ka, int64_t kb, float* A) {
+  std::vector<float> P(q.s ? T * ldw : 0);
   for (int64_t g = 0; g < q.G; ++g) {
-    const int64_t k0 = tl.gstart[g], k1 = tl.gstart[g + 1];
-    if (k0 == k1 && q.G > 1) continue;  // nothing non-zero in this group: it adds 0
+    const int64_t k0 = std::max<int64_t>(tl.gstart[g], ka), k1 = std::min<int64_t>(tl.gstart[g + 1], kb);
+    if (k0 >= k1) continue;
+    if (!q.s) {  // float32: no scales, the rows add into A directly
+      accumulate<T>(f, tl, k0, k1, kb, A, ldw, 0, ldw);
+      continue;
+    }
     std::fill(P.begin(), P.end(), 0.f);
-    accumulate<T>(f, tl, k0, k1, P.data(), len, o0, o1);
+    accumulate<T>(f, tl, k0, k1, kb, P.data(), ldw, 0, ldw);
+    const float* s = q.s + g * ldw;
+    const float* z = q.z ? q.z + g * ldw : nullptr;
     for (int t = 0; t < T; ++t) {
-      const float xs = tl.xs[t * q.G + g];
-      const float* p = P.data() + t * len;
-      float* dst = q.G > 1 ? A.data() + t * len : nullptr;
-      for (int64_t o = o0; o < end; ++o) {
-        float v = p[o - o0];
-        if (q.s) {
-          if (q.z) v -= q.z[g * ldw + o] * xs;
-          v *= q.s[g * ldw + o];
-        }
-        if (dst) dst[o - o0] += v;
-        else y[t * out + o] = v + (bias ? bias[o] : 0.f);
-      }
+      float xs = 0.f;
+      if (z)
+        for (int64_t k = k0; k < k1; ++k) xs += tl.xv[k * T + t];
+      const float* p = P.data() + t * ldw;
+      float* a = A + t * ldw;
+      if (z)
+        for (int64_t o = 0; o < ldw; ++o) a[o] += (p[o] - z[o] * xs) * s[o];
+      else
+        for (int64_t o = 0; o < ldw; ++o) a[o] += p[o] * s[o];
     }
   }
-  if (q.G > 1)
-    for (int t = 0; t < T; ++t)
-      for (int64_t o = o0; o < end; ++o) y[t * out + o] = A[t * len + o - o0] + (bias ? bias[o] : 0.f);
 }
 
 Gate gate_of(double threshold, const c10::optional<at::Tensor>& scale, int64_t in) {
@@ -325,11 +326,28 @@ at::Tensor skip_run(const Fmt& f, const Grid& q, const at::Tensor& x_in, int64_t
     const Tile tl = gather(xd + t * in, in, T, q.G, q.gs, gate);
     const int64_t work = static_cast<int64_t>(tl.idx.size()) * ldw * T;
     float* yt = yd + t * out;
-    for_even_rows(ldw, work, kLanes, [&](int64_t o0, int64_t o1) {
-      if (T == 4) tile_range<4>(f, tl, q, ldw, b, yt, out, o0, o1);
-      else if (T == 2) tile_range<2>(f, tl, q, ldw, b, yt, out, o0, o1);
-      else tile_range<1>(f, tl, q, ldw, b, yt, out, o0, o1);
-    });
+    const int64_t nk = static_cast<int64_t>(tl.idx.size());
+    int64_t parts = at::get_num_threads();
+    if (parts <= 1 || work < (1 << 15) || at::in_parallel_region()) parts = 1;
+    parts = std::max<int64_t>(1, std::min<int64_t>(parts, nk / 8));
+    std::vector<float> acc(parts * T * ldw, 0.f);
+    auto share = [&](int64_t p) {
+      const int64_t ka = nk * p / parts, kb = nk * (p + 1) / parts;
+      float* A = acc.data() + p * T * ldw;
+      if (T == 4) tile_rows<4>(f, tl, q, ldw, ka, kb, A);
+      else if (T == 2) tile_rows<2>(f, tl, q, ldw, ka, kb, A);
+      else tile_rows<1>(f, tl, q, ldw, ka, kb, A);
+    };
+    if (parts == 1) share(0);
+    else at::parallel_for(0, parts, 1, [&](int64_t b0, int64_t e0) { for (int64_t p = b0; p < e0; ++p) share(p); });
+    for (int tt = 0; tt < T; ++tt) {
+      float* dst = yt + tt * out;
+      for (int64_t o = 0; o < out; ++o) {
+        float v = b ? b[o] : 0.f;
+        for (int64_t p = 0; p < parts; ++p) v += acc[(p * T + tt) * ldw + o];
+        dst[o] = v;
+      }
+    }
     t += T;
   }
   return y;
