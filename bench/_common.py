@@ -34,20 +34,23 @@ FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512v
 def machine(*, kernel_isa: bool = False) -> dict[str, Any]:
     """Facts about this machine for a result file, the union of what the scripts have written.
 
-    Keys: ``cpu`` (model name from /proc/cpuinfo), ``flags`` (the :data:`FLAGS` it has), ``cores``
+    Keys: ``cpu`` (model name from /proc/cpuinfo), ``cpuid`` (its ``cpu_family``, ``model`` and
+    ``stepping``: a VM's model name can hide the generation, e.g. AMD family 25 is Zen 3/4, 26 Zen 5), ``flags`` (the :data:`FLAGS` it has), ``cores``
     and ``cpus`` (both ``os.cpu_count()``), ``l3_mb`` (int) and ``l3_mib`` (float, the last-level
     cache; None without prunus), ``load_avg_1m_at_start`` and ``loadavg_1_5_15`` (contention),
     ``platform``, ``python``, ``torch`` (None without torch), ``date``; with ``kernel_isa=True``
     also ``kernel_isa``, the ISA prunus's compiled CPU kernels were built for (this loads, and if
     need be builds, the extension, so it is asked for only by scripts that use the kernels anyway).
     """
-    model, flags = "", set()
+    model, flags, family = "", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
+            elif line.split(":")[0].strip() in ("cpu family", "model", "stepping"):
+                family.setdefault(line.split(":")[0].strip().replace(" ", "_"), line.split(":", 1)[1].strip())
     except OSError:
         pass
     model = model or platform.processor() or platform.machine()
@@ -68,7 +71,8 @@ def machine(*, kernel_isa: bool = False) -> dict[str, Any]:
         except ImportError:
             pass
     out: dict[str, Any] = {
-        "cpu": model, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
+        "cpu": model, **({"cpuid": family} if family else {}),
+        "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
         "cpus": os.cpu_count(), "l3_mb": None if l3 is None else l3 >> 20,
         "l3_mib": None if l3 is None else l3 / (1 << 20),
         "load_avg_1m_at_start": load[0] if load else None, "loadavg_1_5_15": load,

@@ -3,7 +3,7 @@ chose, against the dense model a user would otherwise run, timed in one process,
 
 For each checkpoint (``prunus prune ... --activation-sparsity F --out DIR``) it exports a runtime
 folder (``prunus export DIR --runtime auto --tokens 1``: every gated layer planned on inputs with its
-gate's zeros), then loads three models side by side:
+gate's zeros), then loads five models side by side (two of them one model run two ways):
 
 - ``dense``: the checkpoint's weights on dense kernels with the gates held back (for a checkpoint
   pruned with ``--sparsity 0``, the original model);
@@ -13,7 +13,10 @@ gate's zeros), then loads three models side by side:
   the activation-sparsity targets (prunus's kernels beat torch's dense GEMV on some layers even
   unpruned);
 - ``planned``: ``prunus.load`` of the runtime folder (the plan's kernels, the gates fused into the
-  kernels that skip zero inputs) -- what a user runs.
+  kernels that skip zero inputs) -- what a user runs;
+- ``planned, gates off``: that same model with its gates held back: the skip kernels on inputs
+  without zeros. Against it, the gain is the activation sparsity's alone (against ``weights alone,
+  planned`` it also holds the skip kernels' own speed as a dense kernel, which differs by CPU).
 
 Each round times every model with :func:`prunus.kernels.timing.time_generate` (a ``--prompt-tokens``
 prompt, then ``--new-tokens`` greedy tokens); the table has the median over ``--rounds`` rounds of
@@ -57,7 +60,8 @@ def models(ckpt: str, work: Path, threads: int) -> dict[str, Any]:
     return {"dense": load_checkpoint(ckpt, runtime="dense").eval(),
             "gated dense": load_checkpoint(ckpt, runtime="dense").eval(),
             "weights alone, planned": alone,
-            "planned": prunus.load(str(rt)).eval()}
+            "planned": (planned := prunus.load(str(rt)).eval()),
+            "planned, gates off": planned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[dict[str, float]]] = {k: [] for k in ms}
             for r in range(a.rounds):
                 for name, m in ms.items():
-                    if name == "dense":
+                    if name in ("dense", "planned, gates off"):
                         with gates_off(m):
                             times[name].append(time_generate(m, prompt, a.new_tokens, repeats=1))
                     else:

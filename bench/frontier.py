@@ -25,7 +25,14 @@ row shares the cores with another):
   exported like the others, so the kernels that skip zero inputs compete per layer on inputs with
   the gates' zeros; measured with the gates attached (``prunus.load``). Compare with the row of the
   same weights without gates (``dense fp32``, ``prunus 2:4+int8``, ``prunus 0.5+int8``). They need
-  the ``prunus.activation`` package; without it they are listed as skipped and the rest runs.
+  the ``prunus.activation`` package; without it they are listed as skipped and the rest runs;
+- structured rows, ``prunus SPEC flap+bias+rec`` (``--struct-specs``, default ``mlp@0.270833``:
+  416 of SmolLM2's 1536 MLP channels per block, 20% of the block parameters): ``prunus prune
+  --method flap --sparsity SPEC --structure-allocation uniform --compensate --reconstruct N --format
+  dense``, a smaller dense model that plain transformers loads; measured on prunus's planned kernels
+  like the others, and, converted by ``bench/to_gguf.py`` and quantized to ``--struct-llama-formats``
+  (default Q8_0 and Q4_1), on llama.cpp: ``llama.cpp FMT of prunus SPEC flap+bias+rec`` (those rows
+  run after the prunus rows, which make their checkpoints).
 
 Per row: perplexity over the first ``--windows`` windows of ``--eval`` (prunus's
 ``eval_windows``; llama.cpp scores the very same token ids), batch-1 decode tokens/s (a
@@ -38,7 +45,8 @@ after every row, atomically) and a plot of perplexity against decode speed with 
     .venv/bin/python bench/frontier.py --json runs/frontier.json --plot runs/frontier.png
 
 Pruned checkpoints are cached in ``--work`` (default ``runs/frontier-work``), so a rerun only
-measures. ``--only NAME,...`` runs some rows; ``--windows 4 --nsamples 4`` makes a smoke run.
+measures. ``--only NAME,...`` runs some rows (llama.cpp rows by their names too); ``--windows 4
+--nsamples 4`` makes a smoke run.
 """
 
 from __future__ import annotations
@@ -195,8 +203,8 @@ def prepare(row: dict[str, Any], a: argparse.Namespace, log) -> Path | None:  # 
         if r.returncode != 0:
             return None
         (work / f"{name}.prune_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    if a.prune_only:
-        return ck
+    if a.prune_only or row.get("structured"):
+        return ck  # a structured checkpoint is a plain (smaller) dense model: nothing to plan
     if not (rt / "prunus.json").is_file():
         r = _run(py + ["export", str(ck), "--runtime", "auto", "--tokens", "1", "--threads",
                        str(a.threads), "--out", str(rt), "--overwrite"]
@@ -251,7 +259,8 @@ def measure_one(a: argparse.Namespace) -> dict[str, Any]:
         tmp.unlink()
     else:
         rt = Path(row["runtime_dir"])
-        model, tok = load_model(str(rt), runtime="auto")  # prunus.load: the planned kernels in place
+        # prunus.load: the planned kernels in place; a structured row's folder is a plain dense model
+        model, tok = load_model(str(rt), runtime="dense" if row.get("structured") else "auto")
         size = folder_bytes(rt)
         kinds: dict[str, int] = {}
         for m in model.modules():

@@ -66,8 +66,9 @@ from bench._common import add_data_args, write_json  # noqa: E402
 PROG = "peer_llamacpp"
 MODEL = "smollm2-135m"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: format -> llama_ftype for llama_model_quantize; None: the bundled file as is.
-FORMATS: dict[str, int | None] = {"Q4_1": None, "Q8_0": 7, "F16": 1, "F32": 0}
+#: format -> llama_ftype for llama_model_quantize (LLAMA_FTYPE_ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_1 3,
+#: MOSTLY_Q8_0 7); the format a file already holds (``as_is``) is used as it is.
+FORMATS: dict[str, int | None] = {"Q4_1": 3, "Q8_0": 7, "F16": 1, "F32": 0}
 
 
 class ArgError(Exception):
