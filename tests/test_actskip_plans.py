@@ -52,7 +52,7 @@ def test_prefill_choice_by_hand():
     assert is_input_sparse(SKIP) and not is_input_sparse("cpu_csr") and not is_input_sparse("dense")
 
 
-def test_plan_considers_skip_kernels_only_for_gated_layers(one_thread):
+def test_plan_considers_skip_kernels_for_every_layer_gated_ones_on_their_zeros(one_thread):
     model = _mlp()
     mask = torch.rand(128, 64) > 0.5
     plan = plan_model(model, {"0": mask}, [1], 1e-9, **QUICK)
@@ -62,11 +62,18 @@ def test_plan_considers_skip_kernels_only_for_gated_layers(one_thread):
     assert gated.input_sparsity == 0.5 and masked.input_sparsity == 0.0
     assert {SKIP, "torch_skip"} <= {t.kernel for t in gated.timings}
     assert all(t.input_sparsity == 0.5 for t in gated.timings)
-    assert not any(is_input_sparse(t.kernel) for t in masked.timings)
+    # an ungated layer: the input-major kernels compete as dense-weight kernels, on inputs without zeros
+    assert {SKIP, "torch_skip"} <= {t.kernel for t in masked.timings}
+    assert all(t.input_sparsity == 0.0 for t in masked.timings)
+    rows = plan_model(model, {"0": mask}, [1], 1e-9, input_major=False, **QUICK)  # gated layers only
+    assert not any(is_input_sparse(t.kernel) for t in rows.layers[0].timings)
+    assert {SKIP, "torch_skip"} <= {t.kernel for t in rows.layers[1].timings}
     for layer in plan.layers:
         assert layer.prefill == prefill_choice(layer.kernel, layer.timings, [1], 1e-9)
     only = plan_model(model, {"0": mask}, [1], 1e-9, kernels=[SKIP], **QUICK)
-    assert only.kernels == {"0": "dense", "2": SKIP}
+    assert only.kernels == {"0": SKIP, "2": SKIP}  # margin ~0: any measured kernel is kept
+    assert plan_model(model, {"0": mask}, [1], 1e-9, kernels=[SKIP], input_major=False,
+                      **QUICK).kernels == {"0": "dense", "2": SKIP}
     assert only.layers[1].prefill == "dense" and "50% zero inputs" in only.layers[1].reason
     assert plan_model(nn.Sequential(nn.Linear(8, 8)), {"0": torch.ones(8, 8, dtype=torch.bool)}, [1],
                       1e-9, **QUICK).layers[0].timings[0].input_sparsity == 0.0

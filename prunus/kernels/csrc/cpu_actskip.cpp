@@ -30,7 +30,8 @@
 // and keeps its partial sums for every output (T x ldw floats, in L1 or L2); the shares' sums are
 // added at the end (with the bias). With AVX-512 (F, BW, VL, DQ, VBMI2;
 // the Python loader passes -mavx512* where the CPU has them) 64 outputs of J rows are decoded and
-// multiply-added per step, the next rows prefetched; elsewhere a portable loop decodes a row
+// multiply-added per step (no software prefetch: on the whole-row streams the hardware prefetchers
+// do better; issuing it for the next rows cost 3-10% on an AMD Zen 5); elsewhere a portable loop decodes a row
 // segment and adds it (the compiler vectorises it for AVX2).
 
 #include <ATen/ATen.h>
@@ -71,10 +72,6 @@ struct F32 {
     const float* p = w + j * ldw + o;
     for (int i = 0; i < 4; ++i) v[i] = _mm512_loadu_ps(p + 16 * i);
   }
-  void prefetch(int64_t j, int64_t o) const {
-    const char* p = reinterpret_cast<const char*>(w + j * ldw + o);
-    for (int i = 0; i < 4; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
-  }
 #endif
 };
 
@@ -92,7 +89,6 @@ struct Q8 {
       v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i))));
   }
-  void prefetch(int64_t j, int64_t o) const { _mm_prefetch(reinterpret_cast<const char*>(q + j * ldw + o), _MM_HINT_T0); }
 #endif
 };
 
@@ -115,9 +111,6 @@ struct Q4 {
       v[2 * i] = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
       v[2 * i + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     }
-  }
-  void prefetch(int64_t j, int64_t o) const {
-    _mm_prefetch(reinterpret_cast<const char*>(p + j * (ldw / 2) + o / 2), _MM_HINT_T0);
   }
 #endif
 };
@@ -148,9 +141,6 @@ struct B8 {
     v[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(e, 1)));
     v[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(e, 2)));
     v[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(e, 3)));
-  }
-  void prefetch(int64_t j, int64_t o) const {
-    _mm_prefetch(reinterpret_cast<const char*>(vals + wptr[j * W + o / 64]), _MM_HINT_T0);
   }
 #endif
 };
@@ -207,8 +197,8 @@ Tile gather(const float* x, int64_t in, int T, int64_t G, int64_t gs, const Gate
 
 #ifdef PRUNUS_SKIP_AVX512
 template <int T, int J, typename Fmt>
-inline void acc_rows(const Fmt& f, const int32_t* rows, const float* xv, const int32_t* next, int nnext,
-                     float* P, int64_t len, int64_t o0, int64_t o1) {
+inline void acc_rows(const Fmt& f, const int32_t* rows, const float* xv, float* P, int64_t len, int64_t o0,
+                     int64_t o1) {
   __m512 xb[J][T];
   for (int j = 0; j < J; ++j)
     for (int t = 0; t < T; ++t) xb[j][t] = _mm512_set1_ps(xv[j * T + t]);
@@ -223,29 +213,25 @@ inline void acc_rows(const Fmt& f, const int32_t* rows, const float* xv, const i
       for (int t = 0; t < T; ++t)
         for (int v = 0; v < 4; ++v) a[t][v] = _mm512_fmadd_ps(xb[j][t], w[v], a[t][v]);
     }
-    for (int j = 0; j < nnext; ++j) f.prefetch(next[j], o);
     for (int t = 0; t < T; ++t)
       for (int v = 0; v < 4; ++v) _mm512_storeu_ps(p + t * len + 16 * v, a[t][v]);
   }
 }
 
 template <int T, typename Fmt>
-void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, int64_t kend, float* P, int64_t len,
-                int64_t o0, int64_t o1) {
+void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, float* P, int64_t len, int64_t o0,
+                int64_t o1) {
   constexpr int J = T == 4 ? 2 : 4;  // rows per step: J * T broadcasts + 4 T sums in registers
   const int32_t* idx = tl.idx.data();
   const float* xv = tl.xv.data();
   int64_t k = k0;
-  for (; k + J <= k1; k += J) {
-    const int nn = static_cast<int>(std::min<int64_t>(J, kend - (k + J)));
-    acc_rows<T, J>(f, idx + k, xv + k * T, idx + k + J, nn, P, len, o0, o1);
-  }
-  for (; k < k1; ++k) acc_rows<T, 1>(f, idx + k, xv + k * T, idx, 0, P, len, o0, o1);
+  for (; k + J <= k1; k += J) acc_rows<T, J>(f, idx + k, xv + k * T, P, len, o0, o1);
+  for (; k < k1; ++k) acc_rows<T, 1>(f, idx + k, xv + k * T, P, len, o0, o1);
 }
 #else
 template <int T, typename Fmt>
-void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, int64_t /*kend*/, float* P, int64_t len,
-                int64_t o0, int64_t o1) {
+void accumulate(const Fmt& f, const Tile& tl, int64_t k0, int64_t k1, float* P, int64_t len, int64_t o0,
+                int64_t o1) {
   std::vector<float> row(len);
   for (int64_t k = k0; k < k1; ++k) {
     f.row(tl.idx[k], o0, o1, row.data());
@@ -274,11 +260,11 @@ void tile_rows(const Fmt& f, const Tile& tl, const Grid& q, int64_t ldw, int64_t
     const int64_t k0 = std::max<int64_t>(tl.gstart[g], ka), k1 = std::min<int64_t>(tl.gstart[g + 1], kb);
     if (k0 >= k1) continue;
     if (!q.s) {  // float32: no scales, the rows add into A directly
-      accumulate<T>(f, tl, k0, k1, kb, A, ldw, 0, ldw);
+      accumulate<T>(f, tl, k0, k1, A, ldw, 0, ldw);
       continue;
     }
     std::fill(P.begin(), P.end(), 0.f);
-    accumulate<T>(f, tl, k0, k1, kb, P.data(), ldw, 0, ldw);
+    accumulate<T>(f, tl, k0, k1, P.data(), ldw, 0, ldw);
     const float* s = q.s + g * ldw;
     const float* z = q.z ? q.z + g * ldw : nullptr;
     for (int t = 0; t < T; ++t) {
