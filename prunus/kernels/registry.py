@@ -57,8 +57,10 @@ class KernelSpec:
             :func:`kernels_for` and plans unless ``approximate=True`` asks for them.
         input_sparse: reads only the weights of the non-zero inputs (activation sparsity, the
             ``cpu_skip_*`` kernels). Left out of :func:`kernels_for` unless ``input_sparse=True``
-            asks for them: plans consider them only for layers with an activation gate
-            (:mod:`prunus.kernels.gating`), timed on inputs with the gate's fraction of zeros.
+            asks for them (``kernel="auto"`` does not time, so it never picks them). Plans time them
+            for every layer (``plan_model(input_major=True)``, the default): a gated layer
+            (:mod:`prunus.kernels.gating`) on inputs with the gate's fraction of zeros, any other
+            on inputs without zeros, as a dense-weight kernel.
     """
 
     name: str
