@@ -140,3 +140,15 @@ def child_env() -> dict[str, str]:
     Hugging Face offline, no progress bars."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
+
+
+def add_timing_args(parser: Any, rounds: int = 5) -> Any:
+    """The flags of the interleaved timing scripts (``actskip_e2e``, ``plan_ab``, ``llamacpp_ab``):
+    ``--rounds``, ``--prompt-tokens`` (128), ``--new-tokens`` (32), ``--threads`` (2), ``--json``."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rows here")
+    return parser
+

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import child_env, machine, write_json  # noqa: E402
+from bench._common import add_timing_args, child_env, machine, write_json  # noqa: E402
 
 
 def models(ckpt: str, work: Path, threads: int) -> dict[str, Any]:
@@ -67,11 +67,7 @@ def models(ckpt: str, work: Path, threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json")
+    add_timing_args(ap)
     a = ap.parse_args(argv)
     import torch
 

@@ -18,19 +18,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import machine, write_json  # noqa: E402
+from bench._common import add_timing_args, machine, write_json  # noqa: E402
 from bench.peer_llamacpp import prunus_windows, quiet_llama_cpp, speed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gguf", nargs="+", type=Path)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    add_timing_args(ap, rounds=7)
     ap.add_argument("--eval", default="book:pride")
-    ap.add_argument("--json")
     a = ap.parse_args(argv)
     missing = [str(p) for p in a.gguf if not p.is_file()]
     if missing or a.rounds < 1:

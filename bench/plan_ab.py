@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import machine, write_json  # noqa: E402
+from bench._common import add_timing_args, machine, write_json  # noqa: E402
 
 
 def planned(ck: str, input_major: bool, threads: int) -> tuple[Any, dict[str, int]]:
@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--model", default="smollm2-135m", help="the dense baseline")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json")
+    add_timing_args(ap)
     a = ap.parse_args(argv)
     bad = [c for c in a.checkpoints if not (Path(c) / "prunus.json").is_file()]
     if bad or a.rounds < 1:
