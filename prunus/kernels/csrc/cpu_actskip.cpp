@@ -55,6 +55,7 @@
 namespace {
 
 using prunus_kernels::for_even_rows;
+using prunus_kernels::token_tiles;
 
 constexpr int64_t kLanes = 64;  // ldw is a multiple of this (the AVX-512 step: 64 outputs)
 
@@ -152,7 +153,6 @@ struct Tile {
   std::vector<int32_t> idx;     // ascending inputs where some token's x is non-zero
   std::vector<float> xv;        // xv[k * T + t] = x[t, idx[k]]
   std::vector<int64_t> gstart;  // G + 1 bounds into idx, one range per group
-  std::vector<float> xs;        // xs[t * G + g]: sum of x[t] over group g
 };
 
 // The gate (activation sparsity) fused in: x[t, j] counts as zero when its score |x[t, j]| * s[j]
@@ -170,7 +170,6 @@ Tile gather(const float* x, int64_t in, int T, int64_t G, int64_t gs, const Gate
   Tile tl;
   tl.idx.reserve(in);
   tl.xv.reserve(in * T);
-  tl.xs.assign(T * G, 0.f);
   float v[4];
   for (int64_t j = 0; j < in; ++j) {
     bool any = false;
@@ -180,10 +179,7 @@ Tile gather(const float* x, int64_t in, int T, int64_t G, int64_t gs, const Gate
     }
     if (!any) continue;
     tl.idx.push_back(static_cast<int32_t>(j));
-    for (int t = 0; t < T; ++t) {
-      tl.xv.push_back(v[t]);
-      tl.xs[t * G + j / gs] += v[t];
-    }
+    for (int t = 0; t < T; ++t) tl.xv.push_back(v[t]);
   }
   tl.gstart.resize(G + 1);
   for (int64_t g = 0; g <= G; ++g)
@@ -306,36 +302,28 @@ at::Tensor skip_run(const Fmt& f, const Grid& q, const at::Tensor& x_in, int64_t
   const float* xd = x.data_ptr<float>();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yd = y.data_ptr<float>();
-  int64_t t = 0;
-  while (t < n) {
-    const int T = n - t >= 4 ? 4 : (n - t >= 2 ? 2 : 1);
+  token_tiles(n, [&](auto tile, int64_t t) {
+    constexpr int T = decltype(tile)::value;
     const Tile tl = gather(xd + t * in, in, T, q.G, q.gs, gate);
-    const int64_t work = static_cast<int64_t>(tl.idx.size()) * ldw * T;
-    float* yt = yd + t * out;
     const int64_t nk = static_cast<int64_t>(tl.idx.size());
     int64_t parts = at::get_num_threads();
-    if (parts <= 1 || work < (1 << 15) || at::in_parallel_region()) parts = 1;
+    if (parts <= 1 || nk * ldw * T < (1 << 15) || at::in_parallel_region()) parts = 1;
     parts = std::max<int64_t>(1, std::min<int64_t>(parts, nk / 8));
     std::vector<float> acc(parts * T * ldw, 0.f);
     auto share = [&](int64_t p) {
-      const int64_t ka = nk * p / parts, kb = nk * (p + 1) / parts;
-      float* A = acc.data() + p * T * ldw;
-      if (T == 4) tile_rows<4>(f, tl, q, ldw, ka, kb, A);
-      else if (T == 2) tile_rows<2>(f, tl, q, ldw, ka, kb, A);
-      else tile_rows<1>(f, tl, q, ldw, ka, kb, A);
+      tile_rows<T>(f, tl, q, ldw, nk * p / parts, nk * (p + 1) / parts, acc.data() + p * T * ldw);
     };
     if (parts == 1) share(0);
     else at::parallel_for(0, parts, 1, [&](int64_t b0, int64_t e0) { for (int64_t p = b0; p < e0; ++p) share(p); });
     for (int tt = 0; tt < T; ++tt) {
-      float* dst = yt + tt * out;
+      float* dst = yd + (t + tt) * out;
       for (int64_t o = 0; o < out; ++o) {
         float v = b ? b[o] : 0.f;
         for (int64_t p = 0; p < parts; ++p) v += acc[(p * T + tt) * ldw + o];
         dst[o] = v;
       }
     }
-    t += T;
-  }
+  });
   return y;
 }
 
