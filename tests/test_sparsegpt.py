@@ -238,3 +238,25 @@ def test_factor_in_place_is_the_out_of_place_chain(symmetric):
     got = _factor(h.clone())
     assert torch.equal(got, want)
     assert _factor(-torch.eye(4)) is None
+
+
+def test_factor_cache_reused_for_the_same_hessian_and_dropped_with_it():
+    """q/k/v share one Hessian tensor: one factorisation serves all three; once the tensor is gone
+    the cached factor goes too (it was held into the next block: 256 MiB at in=8192)."""
+    import gc
+
+    from prunus.algorithms import sparsegpt as sg
+
+    _, stats = make_layer(4, 16)
+    h = stats.hessian
+    u1, _ = sg.inverse_hessian_factor(h, 0.01, "q")
+    u2, _ = sg.inverse_hessian_factor(h, 0.01, "k")
+    assert u2 is u1  # reused
+    u3, _ = sg.inverse_hessian_factor(h, 0.02, "q")
+    assert u3 is not u1  # another dampening: factorised again
+    h2 = h.clone()
+    assert sg.inverse_hessian_factor(h2, 0.02, "v")[0] is not u3  # equal values, another tensor
+    assert sg._last is not None
+    del h2
+    gc.collect()
+    assert sg._last is None

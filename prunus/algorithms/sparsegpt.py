@@ -45,15 +45,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
-
+import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from prunus.algorithms import method
 from prunus.errors import SpecError
+from prunus.core.finite import all_finite
 from prunus.core.masks import check_divisible, n_pruned, topk
 from prunus.core.quant import (QuantizedWeight, check_quant_shape, decode_values, from_codes, grid_values,
                                group_size, rtn)
@@ -92,10 +93,9 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float, name: str) -> tuple
     Layers that read the same input (q/k/v, gate/up) share one Hessian tensor, so the last
     factorisation is kept and reused when the very same tensor comes back with the same dampening.
     """
-    global _last
-    if _last is not None and _last[0] is hessian and _last[1] == percdamp:
-        return _last[2], _last[3]
-    if not torch.isfinite(hessian).all():
+    if _last is not None and _last[1]() is hessian and _last[2] == percdamp:
+        return _last[3], _last[4]
+    if not all_finite(hessian):
         raise SpecError(f"{name}: the Hessian contains NaN or inf (are the activations finite?)")
     u = dead = None
     for dtype in (torch.float32, torch.float64):
@@ -106,16 +106,38 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float, name: str) -> tuple
         h[dead, dead] = 1.0
         h[diag, diag] += percdamp * h[diag, diag].mean()
         u = _factor(h)
-        if u is not None and torch.isfinite(u).all():
+        if u is not None and all_finite(u):
             break
         u = None
     if u is None:
         raise SpecError(f"{name}: the Hessian is not positive definite; raise percdamp (now {percdamp:g})")
-    _last = (hessian, percdamp, u, dead)
+    _remember(hessian, percdamp, u, dead)
     return u, dead
 
 
-_last: Optional[tuple] = None  # (hessian, percdamp, U, dead) of the last factorisation
+class _Token:
+    """Names one entry of ``_last``, for the finalizer that drops it."""
+
+
+_last: Optional[tuple] = None  # (token, weakref to H, percdamp, U, dead) of the last factorisation
+_finalizer: Optional[weakref.finalize] = None
+
+
+def _remember(hessian: Tensor, percdamp: float, u: Tensor, dead: Tensor) -> None:
+    """Keep the last factorisation for as long as its Hessian lives, and not longer: the factor of a
+    1.5B model's down_proj is 256 MiB, and was held into the next block (the next factorisation)."""
+    global _last, _finalizer
+    if _finalizer is not None:
+        _finalizer.detach()
+    token = _Token()
+    _last = (token, weakref.ref(hessian), percdamp, u, dead)
+    _finalizer = weakref.finalize(hessian, _forget, token)
+
+
+def _forget(token: _Token) -> None:
+    global _last
+    if _last is not None and _last[0] is token:
+        _last = None
 
 
 def _factor(h: Tensor) -> Optional[Tensor]:
@@ -262,5 +284,6 @@ def _sweep(weight: Tensor, u: Tensor, dead: Tensor, sparsity: float, pattern: Pa
             w1[i:].addr_(u1[i, i:], e, alpha=-1.0)
             w1[i] = q  # exact: the update leaves q_i only up to rounding
         w1[prune1] = 0.0  # the update leaves w_i - e_i * d_i, zero only up to rounding
-        wt[i2:].sub_(u[i1:i2, i2:].t() @ err1)  # lazy update of every later column at once
+        # lazy update of every later column at once, in place (no (in, out) temporary)
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)
     return wt, prune_t, codes_t

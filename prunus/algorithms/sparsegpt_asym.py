@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from prunus.algorithms import method
+from prunus.core.finite import all_finite
 from prunus.algorithms.sparsegpt import SparseGPTOptions, inverse_hessian_factor, sparsegpt
 from prunus.errors import SpecError
 from prunus.core.spec import NM, Pattern, Unstructured
@@ -51,7 +52,7 @@ def corrected_weight(weight: Tensor, stats: LayerStats, percdamp: float, name: s
         if t is None or tuple(t.shape) != (in_f, in_f):
             got = None if t is None else tuple(t.shape)
             raise SpecError(f"{name}: sparsegpt-asym needs an ({in_f}, {in_f}) {field}, got {got}")
-    if not torch.isfinite(stats.cross).all():
+    if not all_finite(stats.cross):
         raise SpecError(f"{name}: the cross statistic contains NaN or inf (are the activations finite?)")
     u, dead = inverse_hessian_factor(stats.hessian, percdamp, name)  # U^T U = (H + damp I)^-1
     u = u.to(torch.float32)

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from prunus.core.finite import check_finite, refuse_nonfinite
+from prunus.core.finite import check_finite, count_nonfinite, refuse_nonfinite
 from prunus.core.units import find_blocks
 from prunus.errors import ModelError
 from prunus.io.dtypes import check_half_range, stored_dtype
@@ -205,7 +205,7 @@ class LazyModel:
         for ref in self.refs:
             t = self.index.read(ref.key)
             if t.is_floating_point():
-                n = int((~torch.isfinite(t)).sum())
+                n = count_nonfinite(t)
                 if n:
                     bad.append((ref.names[0], n))
                 elif half and t.dtype != torch.float16:
